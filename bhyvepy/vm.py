@@ -1,0 +1,229 @@
+"""VM lifecycle: from a config tree to a running machine and back to an exit status.
+
+Order of construction follows bhyve's main(): open or create the kernel VM,
+topology, memory, boot ROM, platform (ISA) devices, PCI devices, then the
+vCPU threads.  The main thread then only waits: for a vCPU to end the VM
+(reset, power off, halt, triple fault, error), for a signal, or for a
+checkpoint request.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+import threading
+from dataclasses import dataclass, field
+from typing import Any
+
+from bhyvepy.bootrom import LoadedBootrom, load_bootrom
+from bhyvepy.bus import MmioBus, PortBus
+from bhyvepy.dispatch import Dispatcher
+from bhyvepy.errors import BackendUnavailable, BhyveExit, ExitStatus
+from bhyvepy.memory import GuestMemory
+from bhyvepy.snapshot.registry import SnapshotRegistry
+from bhyvepy.vcpu import VcpuGate, vcpu_thread_main
+from bhyvepy.vmm import Backend, Topology, Vcpu, VirtualMachine, get_backend
+
+log = logging.getLogger("bhyvepy.vm")
+
+
+@dataclass
+class Machine:
+    """Everything one running VM consists of; built by :func:`build_machine`."""
+
+    config: Any
+    backend: Backend
+    vm: VirtualMachine
+    mem: GuestMemory
+    ports: PortBus
+    mmio: MmioBus
+    dispatcher: Dispatcher
+    topology: Topology
+    snapshots: SnapshotRegistry
+    bootrom: LoadedBootrom | None = None
+    vcpus: list[Vcpu] = field(default_factory=list)
+    devices: list[Any] = field(default_factory=list)     # for pause/resume/close
+    gate: VcpuGate = field(default_factory=VcpuGate)
+    exit_status: int | None = None
+    exit_message: str = ""
+    _done: threading.Event = field(default_factory=threading.Event)
+    _halted: set[int] = field(default_factory=set)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+    threads: list[threading.Thread] = field(default_factory=list)
+
+    # --- ending ---------------------------------------------------------
+    def request_exit(self, status: int, message: str = "") -> None:
+        with self._lock:
+            if self.exit_status is None:
+                self.exit_status = int(status)
+                self.exit_message = message
+        self.gate.stop()
+        self._done.set()
+
+    def _on_halt(self, vcpu_id: int, halted: bool) -> bool:
+        with self._lock:
+            self._halted.add(vcpu_id)
+            return len(self._halted) >= len(self.vcpus)
+
+    # --- running ----------------------------------------------------------
+    def start(self) -> None:
+        for v in self.vcpus:
+            t = threading.Thread(
+                target=vcpu_thread_main, name=f"vcpu {v.id}",
+                args=(v, self.dispatcher, self.gate, self.request_exit, self._on_halt), daemon=True)
+            self.threads.append(t)
+        for t in self.threads:
+            t.start()
+
+    def wait(self) -> int:
+        while not self._done.wait(0.5):
+            pass
+        return int(self.exit_status if self.exit_status is not None else ExitStatus.ERROR)
+
+    def pause(self) -> bool:
+        """Stop the vCPUs, then the devices (drains in-flight I/O)."""
+        if not self.gate.pause():
+            return False
+        for d in self.devices:
+            pause = getattr(d, "pause", None)
+            if pause:
+                pause()
+        return True
+
+    def resume(self) -> None:
+        for d in reversed(self.devices):
+            resume = getattr(d, "resume", None)
+            if resume:
+                resume()
+        self.gate.resume()
+
+    def close(self) -> None:
+        self.gate.stop()
+        for t in self.threads:
+            t.join(timeout=5)
+        for d in reversed(self.devices):
+            close = getattr(d, "close", None)
+            if close:
+                try:
+                    close()
+                except Exception:
+                    log.debug("closing %r failed", d, exc_info=True)
+        if self.bootrom is not None:
+            try:
+                self.bootrom.flush_vars()
+            except OSError as e:
+                print(f"bhyvepy: could not save boot variables: {e}", file=sys.stderr)
+
+
+def _topology(cfg: Any) -> Topology:
+    def num(name: str, default: int) -> int:
+        v = cfg.get_value(name, None)
+        return int(v, 0) if v is not None else default
+
+    cpus = num("cpus", 1)
+    sockets = num("sockets", cpus if cfg.get_value("cores", None) is None and
+                  cfg.get_value("threads", None) is None else 1)
+    return Topology(cpus=cpus, sockets=sockets, cores=num("cores", 1), threads=num("threads", 1))
+
+
+def build_machine(cfg: Any, backend: Backend | None = None) -> Machine:
+    """Create the kernel VM and every device named by ``cfg``."""
+    from bhyvepy.config_values import memsize_from_config
+    from bhyvepy.platform import build_pci, build_platform
+
+    name = cfg.get_value("name", None)
+    if not name:
+        raise BhyveExit("no VM name given", ExitStatus.USAGE)
+    if backend is None:
+        try:
+            backend = get_backend(cfg.get_value("backend", None))
+        except BackendUnavailable as e:
+            raise BhyveExit(f"cannot use the hypervisor: {e}", ExitStatus.ERROR) from None
+
+    rom_path = cfg.get_value("bootrom", None) or cfg.get_value("lpc.bootrom", None)
+    vars_path = cfg.get_value("bootvars", None) or cfg.get_value("lpc.bootvars", None)
+    vm = backend.create_vm(name) if rom_path else backend.open_vm(name)
+    topo = _topology(cfg)
+    vm.set_topology(topo)
+
+    memsize = memsize_from_config(cfg)
+    regions = vm.setup_memory(memsize, wired=cfg.get_bool("memory.wired", False),
+                              in_core=cfg.get_bool("memory.guest_in_core", False))
+    mem = GuestMemory(regions)
+    ports, mmio = PortBus(), MmioBus()
+    m = Machine(config=cfg, backend=backend, vm=vm, mem=mem, ports=ports, mmio=mmio,
+                dispatcher=Dispatcher(ports, mmio, strictio=cfg.get_bool("x86.strictio", False)),
+                topology=topo, snapshots=SnapshotRegistry())
+    if rom_path:
+        m.bootrom = load_bootrom(vm, mem, rom_path, vars_path)
+
+    for cap, var in (("hlt_exit", "x86.vmexit_on_hlt"), ("pause_exit", "x86.vmexit_on_pause")):
+        if cfg.get_bool(var, False):
+            vm.set_capability(cap, True)
+    if cfg.get_bool("x86.x2apic", False):
+        vm.set_capability("x2apic", True)
+
+    build_platform(m)
+    build_pci(m)
+
+    for i in range(topo.cpus):
+        v = vm.create_vcpu(i)
+        m.vcpus.append(v)
+    if rom_path:
+        m.vcpus[0].reset_to_reset_vector()
+    return m
+
+
+def _install_signals(m: Machine) -> None:
+    """SIGTERM presses the ACPI power button once the guest enabled ACPI (bhyve's
+    pm.c); before that it ends the process like the default action would."""
+
+    def on_term(signum: int, frame: object) -> None:
+        pm = getattr(m, "pm", None)
+        if pm is not None and pm.acpi_enabled:
+            pm.power_button()
+            return
+        m.request_exit(128 + signum, "terminated")
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, on_term)
+
+
+def run_vm(parsed: Any) -> int:
+    """Build, run and tear down the VM of a parsed command line; returns the exit status."""
+    cfg = parsed.config
+    logging.basicConfig(level=os.environ.get("BHYVEPY_LOG", "WARNING").upper(),
+                        format="bhyvepy: %(message)s")
+    m = build_machine(cfg)
+    _install_signals(m)
+    restore = getattr(parsed, "restore_file", None)
+    if restore:
+        from bhyvepy.snapshot.restore import restore_machine
+        restore_machine(m, restore)
+    control = None
+    try:
+        from bhyvepy.snapshot.control import start_control_server
+    except ImportError:
+        start_control_server = None  # type: ignore[assignment]
+    if start_control_server is not None:
+        control = start_control_server(m)
+    m.start()
+    try:
+        status = m.wait()
+    except KeyboardInterrupt:
+        status = int(ExitStatus.ERROR)
+    finally:
+        if control is not None:
+            control.close()
+        m.close()
+    if m.exit_message and status not in (0, 1, 2, 5):
+        print(f"bhyvepy: {m.exit_message}", file=sys.stderr)
+    if status >= 128:
+        signal.signal(status - 128, signal.SIG_DFL)
+        os.kill(os.getpid(), status - 128)
+    if status == ExitStatus.POWEROFF and cfg.get_bool("destroy_on_poweroff", False):
+        m.vm.destroy()
+    return status
