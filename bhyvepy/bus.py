@@ -63,6 +63,7 @@ class MmioBus:
     def __init__(self) -> None:
         self._starts: list[int] = []
         self._ranges: list[Range] = []
+        self._table: tuple[list[int], list[Range]] = (self._starts, self._ranges)
 
     def register(self, name: str, base: int, length: int, read: ReadFn, write: WriteFn) -> Range:
         if length <= 0:
@@ -75,21 +76,25 @@ class MmioBus:
                     raise BusConflict(
                         f"{name}: MMIO {base:#x}+{length:#x} overlaps {o.name} at {o.base:#x}+{o.length:#x}")
         r = Range(name, base, length, read, write)
-        self._starts.insert(i, base)
-        self._ranges.insert(i, r)
+        ranges = self._ranges[:i] + [r] + self._ranges[i:]
+        self._publish(ranges)
         return r
 
     def unregister(self, r: Range) -> None:
-        for i, o in enumerate(self._ranges):
-            if o is r:
-                del self._ranges[i]
-                del self._starts[i]
-                return
+        self._publish([o for o in self._ranges if o is not r])
+
+    def _publish(self, ranges: list[Range]) -> None:
+        # vCPU threads look ranges up without a lock while BARs move: build new
+        # lists and swap them in with one assignment so a lookup never sees a
+        # half-updated table.
+        self._table = ([r.base for r in ranges], ranges)
+        self._starts, self._ranges = self._table
 
     def lookup(self, gpa: int) -> Range | None:
-        i = bisect.bisect_right(self._starts, gpa) - 1
+        starts, ranges = self._table
+        i = bisect.bisect_right(starts, gpa) - 1
         if i >= 0:
-            r = self._ranges[i]
+            r = ranges[i]
             if gpa < r.base + r.length:
                 return r
         return None

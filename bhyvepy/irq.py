@@ -61,6 +61,12 @@ class SharedIoapicPin:
             if self._count == 1:
                 self.vm.ioapic_assert(self.pin)
 
+    def adopt(self, up: bool) -> None:
+        """Count a holder up or down without driving the backend: after a
+        restore the kernel's interrupt controllers already hold the level."""
+        with self._lock:
+            self._count = self._count + 1 if up else max(0, self._count - 1)
+
     def _down(self) -> None:
         with self._lock:
             if self._count == 0:
@@ -89,6 +95,12 @@ class SharedPinLine:
 
     def pulse(self) -> None:
         self._pin.vm.ioapic_pulse(self._pin.pin)
+
+    def adopt(self, asserted: bool) -> None:
+        """Take over a restored level quietly (see :meth:`SharedIoapicPin.adopt`)."""
+        if asserted != self.asserted:
+            self.asserted = asserted
+            self._pin.adopt(asserted)
 
 
 class LapicMsi:

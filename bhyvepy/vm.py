@@ -117,20 +117,12 @@ class Machine:
                 print(f"bhyvepy: could not save boot variables: {e}", file=sys.stderr)
 
 
-def _topology(cfg: Any) -> Topology:
-    def num(name: str, default: int) -> int:
-        v = cfg.get_value(name, None)
-        return int(v, 0) if v is not None else default
+def build_machine(cfg: Any, settings: Any, backend: Backend | None = None) -> Machine:
+    """Create the kernel VM and every device named by ``cfg``.
 
-    cpus = num("cpus", 1)
-    sockets = num("sockets", cpus if cfg.get_value("cores", None) is None and
-                  cfg.get_value("threads", None) is None else 1)
-    return Topology(cpus=cpus, sockets=sockets, cores=num("cores", 1), threads=num("threads", 1))
-
-
-def build_machine(cfg: Any, backend: Backend | None = None) -> Machine:
-    """Create the kernel VM and every device named by ``cfg``."""
-    from bhyvepy.config_values import memsize_from_config
+    ``settings`` is :class:`bhyvepy.cli.VmSettings`: the values bhyve derives
+    from the tree (topology, memory size) after validating them.
+    """
     from bhyvepy.platform import build_pci, build_platform
 
     name = cfg.get_value("name", None)
@@ -145,10 +137,11 @@ def build_machine(cfg: Any, backend: Backend | None = None) -> Machine:
     rom_path = cfg.get_value("bootrom", None) or cfg.get_value("lpc.bootrom", None)
     vars_path = cfg.get_value("bootvars", None) or cfg.get_value("lpc.bootvars", None)
     vm = backend.create_vm(name) if rom_path else backend.open_vm(name)
-    topo = _topology(cfg)
+    topo = Topology(cpus=settings.ncpus, sockets=settings.sockets, cores=settings.cores,
+                    threads=settings.threads)
     vm.set_topology(topo)
 
-    memsize = memsize_from_config(cfg)
+    memsize = settings.memsize
     regions = vm.setup_memory(memsize, wired=cfg.get_bool("memory.wired", False),
                               in_core=cfg.get_bool("memory.guest_in_core", False))
     mem = GuestMemory(regions)
@@ -197,7 +190,7 @@ def run_vm(parsed: Any) -> int:
     cfg = parsed.config
     logging.basicConfig(level=os.environ.get("BHYVEPY_LOG", "WARNING").upper(),
                         format="bhyvepy: %(message)s")
-    m = build_machine(cfg)
+    m = build_machine(cfg, parsed.settings)
     _install_signals(m)
     restore = getattr(parsed, "restore_file", None)
     if restore:

@@ -284,14 +284,8 @@ class IntxLine:
         if asserted == self.asserted:
             return
         self.asserted = asserted
-        pin = self._ioapic._pin
         if asserted:
             self.router._link_up(self.route.pirq_pin, quiet=True)
-            with pin._lock:       # SharedIoapicPin has no quiet API yet
-                pin._count += 1
-            self._ioapic.asserted = True
         else:
             self.router._link_down(self.route.pirq_pin, quiet=True)
-            with pin._lock:
-                pin._count = max(0, pin._count - 1)
-            self._ioapic.asserted = False
+        self._ioapic.adopt(asserted)

@@ -23,6 +23,11 @@ extern const char intr_stubs[];
 
 static struct idt_gate idt[256] __attribute__((aligned(16)));
 static intr_handler_t handlers[256];
+static struct {
+	intr_handler_arg_t fn;
+	void *arg;
+} handlers_arg[256];
+static uint8_t next_vector = 0x40;
 static const char *watchdog_what;
 
 void intr_init(void)
@@ -48,6 +53,28 @@ void intr_set_handler(uint8_t vector, intr_handler_t handler)
 	handlers[vector] = handler;
 }
 
+void intr_set_handler_arg(uint8_t vector, intr_handler_arg_t handler,
+			  void *arg)
+{
+	handlers_arg[vector].fn = handler;
+	handlers_arg[vector].arg = arg;
+}
+
+uint8_t intr_alloc_vector(void)
+{
+	/* 0xF0 and up: the library's own (watchdog, spurious). */
+	if (next_vector >= 0xf0)
+		fail("out of interrupt vectors");
+	return next_vector++;
+}
+
+uint8_t intr_platform_init(void)
+{
+	pic_disable();
+	lapic_enable();
+	return lapic_id();
+}
+
 void intr_dispatch(struct intr_frame *f);
 
 void intr_dispatch(struct intr_frame *f)
@@ -55,8 +82,11 @@ void intr_dispatch(struct intr_frame *f)
 	unsigned v = (unsigned)f->vector;
 	intr_handler_t h = handlers[v];
 
-	if (h) {
-		h(f);
+	if (h || handlers_arg[v].fn) {
+		if (h)
+			h(f);
+		else
+			handlers_arg[v].fn(handlers_arg[v].arg);
 		if (v >= 32 && v != INTR_VEC_SPURIOUS)
 			lapic_eoi();
 		return;
@@ -145,6 +175,46 @@ void ioapic_mask(unsigned pin)
 	uint8_t reg = (uint8_t)(0x10 + 2 * pin);
 
 	ioapic_write(reg, ioapic_read(reg) | IOAPIC_MASKED);
+}
+
+#define INTX_PINS		24
+#define INTX_PER_PIN		8
+
+struct intx_pin {
+	uint8_t vector;
+	unsigned count;
+	intr_handler_arg_t fn[INTX_PER_PIN];
+	void *arg[INTX_PER_PIN];
+};
+
+static struct intx_pin intx_pins[INTX_PINS];
+
+static void intx_dispatch(void *arg)
+{
+	struct intx_pin *p = arg;
+
+	for (unsigned i = 0; i < p->count; i++)
+		p->fn[i](p->arg[i]);
+}
+
+void intx_attach(unsigned pin, intr_handler_arg_t handler, void *arg,
+		 uint8_t dest)
+{
+	struct intx_pin *p;
+
+	if (pin >= INTX_PINS || pin >= ioapic_pins())
+		fail("INTx on IOAPIC pin %u: no such pin", pin);
+	p = &intx_pins[pin];
+	if (p->count == INTX_PER_PIN)
+		fail("INTx pin %u: more than %u handlers", pin, INTX_PER_PIN);
+	p->fn[p->count] = handler;
+	p->arg[p->count] = arg;
+	p->count++;
+	if (p->count == 1) {
+		p->vector = intr_alloc_vector();
+		intr_set_handler_arg(p->vector, intx_dispatch, p);
+		ioapic_route(pin, p->vector, IOAPIC_PCI_FLAGS, dest);
+	}
 }
 
 void pit_periodic(uint32_t hz)

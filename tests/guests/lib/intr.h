@@ -18,6 +18,8 @@ struct intr_frame {
 };
 
 typedef void (*intr_handler_t)(struct intr_frame *frame);
+/* A handler that gets back the pointer it was registered with. */
+typedef void (*intr_handler_arg_t)(void *arg);
 
 /* Vectors the library itself uses; guests pick theirs from 0x30-0xEF. */
 #define INTR_VEC_WATCHDOG	0xfe
@@ -34,6 +36,21 @@ void intr_init(void);
  * cause at the device; the dispatcher sends the LAPIC EOI after they return.
  */
 void intr_set_handler(uint8_t vector, intr_handler_t handler);
+void intr_set_handler_arg(uint8_t vector, intr_handler_arg_t handler,
+			  void *arg);
+
+/*
+ * A fresh vector for a device interrupt, from 0x40 up; fails the test when
+ * none are left.  Vectors 0x30-0x3F stay free for guests that pick their
+ * own numbers.
+ */
+uint8_t intr_alloc_vector(void);
+
+/*
+ * Pic masked, LAPIC enabled: what every guest that takes device interrupts
+ * does first.  Returns the boot CPU's APIC ID (the interrupt destination).
+ */
+uint8_t intr_platform_init(void);
 
 /* Remap the two 8259s away from the exception vectors and mask them all. */
 void pic_disable(void);
@@ -72,6 +89,15 @@ unsigned ioapic_pins(void);
 /* Fixed delivery, physical destination DEST; unmasked unless flags say. */
 void ioapic_route(unsigned pin, uint8_t vector, uint32_t flags, uint8_t dest);
 void ioapic_mask(unsigned pin);
+
+/*
+ * Attach HANDLER to PCI INTx IOAPIC pin PIN (level, active low).  Pins are
+ * shared: each gets one vector, and every handler attached to it runs on
+ * each interrupt; a handler must check its own device's status and clear
+ * it, or the level-triggered line fires again right after the EOI.
+ */
+void intx_attach(unsigned pin, intr_handler_arg_t handler, void *arg,
+		 uint8_t dest);
 
 /* The IOAPIC pin of an ISA IRQ (the interrupt-source override bhyve has). */
 static inline unsigned isa_irq_pin(unsigned irq)

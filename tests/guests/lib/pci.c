@@ -141,6 +141,45 @@ bool pci_find(uint16_t vendor, uint16_t device, unsigned index,
 	return a.found;
 }
 
+struct class_arg {
+	uint32_t class_code;
+	unsigned index;
+	bool found;
+	uint16_t bdf;
+};
+
+static void class_visit(uint16_t bdf, void *p)
+{
+	struct class_arg *a = p;
+
+	if (a->found || pci_read32(bdf, PCI_REVISION) >> 8 != a->class_code)
+		return;
+	if (a->index-- == 0) {
+		a->found = true;
+		a->bdf = bdf;
+	}
+}
+
+bool pci_find_class(uint32_t class_code, unsigned index, uint16_t *bdf)
+{
+	struct class_arg a = { class_code, index, false, 0 };
+
+	pci_scan_bus0(class_visit, &a);
+	if (a.found)
+		*bdf = a.bdf;
+	return a.found;
+}
+
+int pci_intx_pin(uint16_t bdf)
+{
+	uint8_t pin = pci_read8(bdf, PCI_INTERRUPT_PIN);
+	uint8_t line = pci_read8(bdf, PCI_INTERRUPT_LINE);
+
+	if (pin < 1 || pin > 4 || line == 0 || line == 0xff)
+		return -1;
+	return line;
+}
+
 unsigned pci_bar_slots(uint16_t bdf)
 {
 	switch (pci_read8(bdf, PCI_HEADER_TYPE) & 0x7f) {

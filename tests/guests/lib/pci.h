@@ -82,6 +82,16 @@ unsigned pci_scan_bus0(pci_visit_t visit, void *arg);
 bool pci_find(uint16_t vendor, uint16_t device, unsigned index,
 	      uint16_t *bdf);
 
+/* The INDEX-th (from 0) function of class CLASS (class, subclass, prog-if). */
+bool pci_find_class(uint32_t class_code, unsigned index, uint16_t *bdf);
+
+/*
+ * The IOAPIC pin of the function's INTx line, from the interrupt-line
+ * register that firmware (bhyve itself) fills in; -1 if the function has
+ * no INTx pin or the register holds no usable pin number (0 or 0xFF).
+ */
+int pci_intx_pin(uint16_t bdf);
+
 enum pci_bar_kind { PCI_BAR_NONE, PCI_BAR_IO, PCI_BAR_MEM32, PCI_BAR_MEM64 };
 
 struct pci_bar {

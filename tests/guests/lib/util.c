@@ -1,8 +1,11 @@
 /*
  * Freestanding runtime support.  gcc emits calls to memset/memcpy/memmove/
  * memcmp for struct copies and some loops even with -ffreestanding, so they
- * must exist; they are kept byte-wise because the images are tiny and speed
- * here is dominated by VM exits, not by copying.
+ * must exist.  They use the x86 string instructions: where the host runs
+ * guest kernel code through an instruction emulator (a microsecond or two
+ * per instruction), one "rep stosb" over a page costs about as much as a few
+ * instructions of a byte loop, so zeroing a virtqueue ring takes
+ * microseconds instead of tens of milliseconds.
  */
 #include <stdarg.h>
 
@@ -12,20 +15,23 @@
 
 void *memset(void *dst, int c, size_t n)
 {
-	unsigned char *d = dst;
+	void *d = dst;
 
-	while (n--)
-		*d++ = (unsigned char)c;
+	__asm__ volatile("rep stosb"
+			 : "+D"(d), "+c"(n)
+			 : "a"(c)
+			 : "memory");
 	return dst;
 }
 
 void *memcpy(void *dst, const void *src, size_t n)
 {
-	unsigned char *d = dst;
-	const unsigned char *s = src;
+	void *d = dst;
 
-	while (n--)
-		*d++ = *s++;
+	__asm__ volatile("rep movsb"
+			 : "+D"(d), "+S"(src), "+c"(n)
+			 :
+			 : "memory");
 	return dst;
 }
 
@@ -34,13 +40,15 @@ void *memmove(void *dst, const void *src, size_t n)
 	unsigned char *d = dst;
 	const unsigned char *s = src;
 
-	if (d < s) {
-		while (n--)
-			*d++ = *s++;
-	} else {
-		while (n--)
-			d[n] = s[n];
-	}
+	if (d <= s || d >= s + n)
+		return memcpy(dst, src, n);
+	/* Overlapping with the destination above: copy backwards. */
+	d += n - 1;
+	s += n - 1;
+	__asm__ volatile("std; rep movsb; cld"
+			 : "+D"(d), "+S"(s), "+c"(n)
+			 :
+			 : "memory");
 	return dst;
 }
 
@@ -48,11 +56,14 @@ int memcmp(const void *a, const void *b, size_t n)
 {
 	const unsigned char *x = a, *y = b;
 
-	for (; n; n--, x++, y++) {
-		if (*x != *y)
-			return *x - *y;
-	}
-	return 0;
+	if (n == 0)
+		return 0;
+	/* repe cmpsb stops one past the first difference (or at the end). */
+	__asm__ volatile("repe cmpsb"
+			 : "+D"(y), "+S"(x), "+c"(n)
+			 :
+			 : "memory", "cc");
+	return x[-1] - y[-1];
 }
 
 size_t strlen(const char *s)
