@@ -43,6 +43,8 @@ class Machine:
     topology: Topology
     snapshots: SnapshotRegistry
     bootrom: LoadedBootrom | None = None
+    pci: Any = None                 # bhyvepy.pci.bus.PciBus
+    pm: Any = None                  # bhyvepy.dev.pm.PowerManagement (SIGTERM -> power button)
     vcpus: list[Vcpu] = field(default_factory=list)
     devices: list[Any] = field(default_factory=list)     # for pause/resume/close
     gate: VcpuGate = field(default_factory=VcpuGate)

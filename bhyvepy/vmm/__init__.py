@@ -120,6 +120,10 @@ class VirtualMachine(abc.ABC):
     @abc.abstractmethod
     def memory_regions(self) -> list[MemoryRegion]: ...
 
+    def unmap_devmem(self, name: str) -> None:
+        """Remove a device memory segment's mapping (a framebuffer BAR moving)."""
+        raise NotImplementedError
+
     # --- vCPUs -----------------------------------------------------------
     @abc.abstractmethod
     def set_topology(self, topo: Topology) -> None: ...
@@ -133,12 +137,17 @@ class VirtualMachine(abc.ABC):
         return False where the backend does not offer it."""
 
     # --- interrupts ------------------------------------------------------
+    def ioapic_pincount(self) -> int:
+        """Pins of the I/O APIC (vmm.ko: 32, KVM: 24); PCI INTx uses 16 and up."""
+        return 24
+
     @abc.abstractmethod
     def ioapic_assert(self, pin: int) -> None: ...
     @abc.abstractmethod
     def ioapic_deassert(self, pin: int) -> None: ...
     @abc.abstractmethod
     def ioapic_pulse(self, pin: int) -> None: ...
+    # ``ioapic_pin`` -1 means "the 8259 only", as in libvmmapi.
     @abc.abstractmethod
     def isa_assert(self, irq: int, ioapic_pin: int) -> None: ...
     @abc.abstractmethod
@@ -173,6 +182,11 @@ class VirtualMachine(abc.ABC):
     @abc.abstractmethod
     def save_kernel_section(self, name: str) -> bytes:
         """State of one of ``KERNEL_SECTIONS`` (all vCPUs included); vCPUs must be stopped."""
+
+    def check_kernel_section(self, name: str, data: bytes) -> object:
+        """Validate a section for this VM without changing anything (restore
+        checks every section before applying any)."""
+        return None
 
     @abc.abstractmethod
     def restore_kernel_section(self, name: str, data: bytes) -> None: ...

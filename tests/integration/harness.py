@@ -44,7 +44,8 @@ class GuestRun:
 
     def __init__(self, workdir: Path, rom: Path | str, *, name: str = "testvm", mem: str = "64M",
                  cpus: str = "1", extra: list[str] | None = None, slots: list[str] | None = None,
-                 env: dict[str, str] | None = None, args: list[str] | None = None) -> None:
+                 env: dict[str, str] | None = None, args: list[str] | None = None,
+                 base_slots: tuple[str, ...] = ("0,hostbridge", "31,lpc")) -> None:
         self.workdir = Path(workdir)
         # UNIX socket paths are limited to ~104 bytes: keep them short.
         self.sockdir = tempfile.mkdtemp(prefix="bp-")
@@ -53,9 +54,8 @@ class GuestRun:
         self.listener.bind(self.sock_path)
         self.listener.listen(1)
         if args is None:
-            args = ["-c", cpus, "-m", mem, "-s", "0,hostbridge", "-s", "31,lpc",
-                    "-l", f"com1,{self.sock_path}", "-l", f"bootrom,{rom}"]
-            for s in slots or []:
+            args = ["-c", cpus, "-m", mem, "-l", f"com1,{self.sock_path}", "-l", f"bootrom,{rom}"]
+            for s in (*base_slots, *(slots or [])):
                 args += ["-s", s]
             args += list(extra or [])
             args.append(name)

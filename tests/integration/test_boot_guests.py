@@ -1,0 +1,109 @@
+"""Boot the freestanding guest programs on the real hypervisor and check what
+they print on COM1 and how bhyvepy exits (bhyve's exit statuses)."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+from pathlib import Path
+
+import pytest
+
+from harness import guest_rom
+
+pytestmark = pytest.mark.guest
+
+SEABIOS = Path("/usr/share/seabios/bios.bin")
+
+
+def test_hello_prints_and_powers_off(guest):
+    run = guest(guest_rom("hello"))
+    run.read_until("Hello from bhyvepy guest", timeout=60)
+    assert run.wait(60) == 1          # ACPI S5 -> exit status 1
+
+
+def test_pcienum_sees_hostbridge_lpc_and_ecam(guest):
+    run = guest(guest_rom("pcienum"), slots=["4,hostbridge"])
+    run.read_until("PCIENUM DONE", timeout=90)
+    assert run.wait(60) == 1
+    out = run.output.decode()
+    lines = [ln for ln in out.splitlines() if ln.startswith("PCI ")]
+    found = {ln.split()[1]: ln for ln in lines}
+    assert set(found) == {"00:00.0", "00:04.0", "00:1f.0"}
+    assert "vendor=1275 device=1275 class=060000" in found["00:00.0"]
+    assert "vendor=8086 device=7000 class=060100" in found["00:1f.0"]
+    assert "ECAM OK 3" in out
+    assert re.search(r"PCIENUM DONE 3\b", out)
+
+
+def test_amd_hostbridge_ids(guest):
+    run = guest(guest_rom("pcienum"), base_slots=("0,amd_hostbridge", "31,lpc"))
+    out = run.read_until("PCIENUM DONE", timeout=90)
+    assert "PCI 00:00.0 vendor=1022 device=7432 class=060000" in out
+    assert run.wait(60) == 1
+
+
+def test_interrupts_timer_and_com1_receive(guest):
+    run = guest(guest_rom("irq"))
+    out = run.read_until("READY FOR INPUT", timeout=120)
+    m = re.search(r"TIMER OK (\d+)", out)
+    assert m and int(m.group(1)) >= 5
+    run.send(b"ab")
+    run.read_until("RX 62", timeout=60)
+    run.send(b"q")
+    out = run.read_until("IRQ DONE", timeout=60)
+    rx = re.findall(r"RX ([0-9a-f]{2})", out)
+    assert rx == ["61", "62", "71"]
+    assert run.wait(60) == 1
+
+
+@pytest.mark.parametrize("name,banner,status", [
+    ("reset", "RESETTING", 0),
+    ("triplefault", "TRIPLE FAULTING", 3),
+    ("halt", "HALTING", 2),
+])
+def test_exit_statuses(guest, name, banner, status):
+    run = guest(guest_rom(name))
+    run.read_until(banner, timeout=60)
+    assert run.wait(60) == status
+
+
+def test_sigterm_before_acpi_enable_kills_like_bhyve(guest):
+    # irq never enables ACPI: SIGTERM keeps its default action (bhyve's pm.c).
+    run = guest(guest_rom("irq"))
+    run.read_until("READY FOR INPUT", timeout=120)
+    run.proc.send_signal(signal.SIGTERM)
+    assert run.wait(30) == -signal.SIGTERM
+
+
+@pytest.mark.skipif(not SEABIOS.exists(), reason="Debian's seabios package is not installed "
+                    "(/usr/share/seabios/bios.bin); `make test` installs it when run as root")
+def test_seabios_starts_and_looks_for_a_boot_device(guest, tmp_path):
+    log = tmp_path / "seabios.log"
+    run = guest(SEABIOS, mem="128M", extra=["-o", f"debugcon.path={log}"])
+    deadline_text = "No bootable device"
+    import time
+
+    end = time.monotonic() + 240
+    text = ""
+    while time.monotonic() < end:
+        text = log.read_text(errors="replace") if log.exists() else ""
+        if deadline_text in text or "Booting from" in text:
+            break
+        if run.proc.poll() is not None:
+            break
+        time.sleep(0.5)
+    assert "SeaBIOS" in text, text[-2000:]
+    assert deadline_text in text or "Booting from" in text, text[-3000:]
+    # SeaBIOS found the PCI functions through config mechanism #1.
+    assert "id=1275:1275" in text and "id=8086:7000" in text
+
+
+@pytest.mark.skipif(not SEABIOS.exists(), reason="Debian's seabios package is not installed")
+def test_strict_io_ends_vm_on_unemulated_port(guest):
+    # SeaBIOS probes ports bhyve does not emulate (QEMU's fw_cfg at 0x510):
+    # with -e (x86.strictio) that ends the VM with status 4 and a message.
+    run = guest(SEABIOS, mem="128M", extra=["-e"])
+    assert run.wait(120) == 4
+    assert "Unhandled" in run.stderr
