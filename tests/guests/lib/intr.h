@@ -47,7 +47,7 @@ void intr_set_handler_arg(uint8_t vector, intr_handler_arg_t handler,
 uint8_t intr_alloc_vector(void);
 
 /*
- * Pic masked, LAPIC enabled: what every guest that takes device interrupts
+ * 8259s masked, LAPIC enabled: what every guest that takes device interrupts
  * does first.  Returns the boot CPU's APIC ID (the interrupt destination).
  */
 uint8_t intr_platform_init(void);

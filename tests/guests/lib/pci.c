@@ -170,12 +170,23 @@ bool pci_find_class(uint32_t class_code, unsigned index, uint16_t *bdf)
 	return a.found;
 }
 
+bool pci_host_is_bhyve(void)
+{
+	uint32_t ids = pci_read32(PCI_BDF(0, 0, 0), PCI_VENDOR_ID);
+
+	return ids == 0x12751275u || ids == 0x74321022u;
+}
+
 int pci_intx_pin(uint16_t bdf)
 {
 	uint8_t pin = pci_read8(bdf, PCI_INTERRUPT_PIN);
 	uint8_t line = pci_read8(bdf, PCI_INTERRUPT_LINE);
 
-	if (pin < 1 || pin > 4 || line == 0 || line == 0xff)
+	if (pin < 1 || pin > 4)
+		return -1;
+	if (pci_host_is_bhyve())
+		return 16 + (int)((4 + PCI_DEV(bdf) + pin) % 8);
+	if (line == 0 || line == 0xff)
 		return -1;
 	return line;
 }

@@ -85,10 +85,16 @@ bool pci_find(uint16_t vendor, uint16_t device, unsigned index,
 /* The INDEX-th (from 0) function of class CLASS (class, subclass, prog-if). */
 bool pci_find_class(uint32_t class_code, unsigned index, uint16_t *bdf);
 
+/* bhyve's host bridge at 00:00.0 (its default 1275:1275 or 1022:7432). */
+bool pci_host_is_bhyve(void);
+
 /*
- * The IOAPIC pin of the function's INTx line, from the interrupt-line
- * register that firmware (bhyve itself) fills in; -1 if the function has
- * no INTx pin or the register holds no usable pin number (0 or 0xFF).
+ * The IOAPIC pin of the function's INTx line; -1 if it has no INTx pin or
+ * none can be found.  Under bhyve booted from a ROM the wiring is fixed:
+ * slot S, pin P (1-4 = INTA-INTD) goes to IOAPIC pin 16 + (4 + S + P) mod 8
+ * (bhyve's interrupt-line register holds the 8259 IRQ of the PIRQ link
+ * instead, for guests in PIC mode).  Elsewhere the interrupt-line register
+ * is taken as the IOAPIC pin, as pcifw_setup() leaves it under QEMU.
  */
 int pci_intx_pin(uint16_t bdf);
 

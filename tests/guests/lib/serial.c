@@ -170,3 +170,33 @@ void kprintf(const char *fmt, ...)
 	kvprintf(fmt, ap);
 	va_end(ap);
 }
+
+void print_hex(const void *buf, size_t len)
+{
+	static const char digits[] = "0123456789abcdef";
+	const uint8_t *p = buf;
+
+	for (size_t i = 0; i < len; i++) {
+		serial_putc(digits[p[i] >> 4]);
+		serial_putc(digits[p[i] & 15]);
+	}
+}
+
+void print_text(const void *buf, size_t len)
+{
+	const uint8_t *p = buf;
+
+	while (len && (p[len - 1] == ' ' || p[len - 1] == 0))
+		len--;
+	if (!len) {
+		serial_putc('-');
+		return;
+	}
+	for (size_t i = 0; i < len; i++) {
+		if (p[i] == ' ')
+			serial_putc('_');
+		else
+			serial_putc(p[i] > ' ' && p[i] < 0x7f ? (char)p[i]
+							     : '?');
+	}
+}

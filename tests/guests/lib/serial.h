@@ -51,4 +51,13 @@ void serial_rx_irq(bool on);
 __attribute__((format(printf, 1, 2))) void kprintf(const char *fmt, ...);
 void kvprintf(const char *fmt, va_list ap);
 
+/* BUF as lowercase hex, no separators: one token. */
+void print_hex(const void *buf, size_t len);
+
+/*
+ * A device-supplied string as one token: trailing blanks and NULs dropped,
+ * inner blanks as '_', other non-printable bytes as '?', "-" if empty.
+ */
+void print_text(const void *buf, size_t len);
+
 #endif

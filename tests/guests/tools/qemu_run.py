@@ -50,6 +50,8 @@ def run(rom: str, accel: str, machine: str, timeout: float, ready: bytes | None,
             "-chardev", f"socket,id=com1,path={sock_path},server=on,wait=on",
             "-serial", "chardev:com1",
             "-device", "isa-debug-exit,iobase=0x404,iosize=2",
+            # bhyve has no default NIC; QEMU's would take slot 3.
+            "-nic", "none",
             *extra,
         ]
         deadline = time.monotonic() + timeout
