@@ -54,6 +54,27 @@ class PlainBhyveExit(BhyveExit):
     """
 
 
+def _json5_decoder() -> Callable[[str], Any] | None:
+    """pyjson5 (PyPI) where available; the pure-Python json5 package otherwise,
+    because FreeBSD's ports tree has devel/py-json5 but no pyjson5 port."""
+    try:
+        import pyjson5
+    except ImportError:
+        try:
+            import json5
+        except ImportError:
+            return None
+        return json5.loads
+
+    def decode(text: str) -> Any:
+        try:
+            return pyjson5.decode(text)
+        except pyjson5.Json5Exception as e:   # not a ValueError subclass everywhere
+            raise ValueError(str(e)) from None
+
+    return decode
+
+
 class ConfigTreeError(ValueError):
     """A serialized tree (snapshot metadata) does not describe a valid tree."""
 
@@ -594,18 +615,16 @@ class ConfigTree:
                                 ExitStatus.ERROR)
 
     def _load_json5(self, path: str, data: bytes, strict: bool) -> bool:
-        try:
-            import pyjson5  # runtime dependency, only needed for JSON5 files
-        except ImportError:
+        decode = _json5_decoder()
+        if decode is None:
             if not strict:
                 return False
-            raise BhyveExit(f"{path}: reading JSON5 needs the pyjson5 package",
+            raise BhyveExit(f"{path}: reading JSON5 needs the pyjson5 (or json5) package",
                             ExitStatus.ERROR) from None
         try:
             text = data.decode("utf-8-sig")
-            document = pyjson5.decode(text)
-        except (UnicodeDecodeError, RecursionError, ValueError, TypeError,
-                pyjson5.Json5Exception) as exc:
+            document = decode(text)
+        except (UnicodeDecodeError, RecursionError, ValueError, TypeError) as exc:
             if not strict:
                 return False
             raise BhyveExit(f"{path}: invalid JSON5 configuration: {_short(exc)}",

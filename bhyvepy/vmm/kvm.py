@@ -789,9 +789,11 @@ class KvmVm(VirtualMachine):
             raise ValueError(f"no vCPU {vcpu_id}") from None
 
     def set_capability(self, name: str, value: bool) -> bool:
-        """``hlt_exit`` and ``pause_exit`` are not offered: with the in-kernel
-        irqchip KVM completes HLT (and PAUSE) itself and a halted vCPU waits in
-        the kernel for its interrupt; the watchdog still reports bhyve's
+        """``hlt_exit`` and ``pause_exit`` are accepted without changing
+        anything: what bhyve asks of them (give the host CPU back while the
+        guest idles or spins) KVM already does -- with the in-kernel irqchip a
+        halted vCPU sleeps in the kernel until its interrupt, and pause-loop
+        exiting is on by default; the watchdog still reports bhyve's
         halted-with-interrupts-disabled case.  ``x2apic`` sets or clears the
         x2APIC CPUID bit; ``unrestricted_guest`` is always on (KVM runs real
         mode itself)."""
@@ -800,8 +802,8 @@ class KvmVm(VirtualMachine):
             for v in list(self._vcpus.values()):
                 v._apply_cpuid()
             return True
-        if name == "unrestricted_guest":
-            return bool(value)
+        if name in ("unrestricted_guest", "hlt_exit", "pause_exit"):
+            return True
         return False
 
     # --- RTC (Python model) ---------------------------------------------------
