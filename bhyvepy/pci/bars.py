@@ -61,6 +61,12 @@ class Bar:
     #: framebuffer): the bus then registers no trap handler, only tells the
     #: device where the BAR went.
     trap: bool = True
+    #: Upper 16 bits of an I/O BAR register as the guest last wrote them.
+    #: Decoding uses only the low 16 (x86 ports), as bhyve; but bhyve also
+    #: reads them back as zero, so sizing an I/O BAR yields 0x0000FFxx and
+    #: firmware that computes sizes in 32 bits (SeaBIOS) sees a 4 GiB BAR
+    #: and gives up.  Real chipsets and QEMU read back what was written.
+    io_upper: int = 0
 
     @property
     def lobits(self) -> int:
@@ -92,6 +98,8 @@ def register_value(bars: list[Bar], idx: int) -> int:
         return (bars[idx - 1].addr >> 32) & 0xFFFFFFFF
     if b.kind in (BarKind.NONE, BarKind.ROM):
         return 0
+    if b.kind == BarKind.IO:
+        return (b.io_upper << 16) | (b.addr & BAR_IO_MASK) | b.lobits
     return ((b.addr & 0xFFFFFFFF) | b.lobits) & 0xFFFFFFFF
 
 
@@ -118,6 +126,7 @@ def write_register(bars: list[Bar], idx: int, value: int) -> int | None:
     mask = ~(b.size - 1) & 0xFFFFFFFF
     low = value & mask
     if b.kind == BarKind.IO:
+        b.io_upper = (value >> 16) & 0xFFFF
         low &= BAR_IO_MASK
         new = low
     elif b.kind == BarKind.MEM32:

@@ -605,6 +605,9 @@ class PciFunction:
         if len(p.bars) != PCI_NUM_BARS:
             raise StateError(f"{who}: {len(p.bars)} BARs in the snapshot")
         restored = [Bar(BarKind(s.kind), s.size, s.addr) for s in p.bars]
+        for i, b in enumerate(restored):
+            if b.kind == BarKind.IO:
+                b.io_upper = int.from_bytes(p.config[PCIR_BAR0 + 4 * i + 2:PCIR_BAR0 + 4 * i + 4], "little")
         for i, (mine, s) in enumerate(zip(self.bars, p.bars)):
             if s.kind != mine.kind or s.size != mine.size:
                 raise StateError(f"{who}: BAR {i} is {BarKind(s.kind).name}/{s.size:#x} in the "
@@ -649,8 +652,10 @@ class PciFunction:
         with self._lock:
             p: PciState = state.pci
             self.cfg.load(p.config)
-            for mine, s in zip(self.bars, p.bars):
+            for i, (mine, s) in enumerate(zip(self.bars, p.bars)):
                 mine.addr = s.addr
+                if mine.kind == BarKind.IO:
+                    mine.io_upper = self.cfg.get32(PCIR_BAR0 + 4 * i) >> 16
             if self.msi is not None:
                 self.msi.refresh(self.cfg)
             if self.msix is not None:

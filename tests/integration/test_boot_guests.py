@@ -107,3 +107,30 @@ def test_strict_io_ends_vm_on_unemulated_port(guest):
     run = guest(SEABIOS, mem="128M", extra=["-e"])
     assert run.wait(120) == 4
     assert "Unhandled" in run.stderr
+
+
+def boot_sector(message: bytes) -> bytes:
+    """A real-mode MBR: print ``message`` on COM1, then ACPI power-off."""
+    code = bytes.fromhex(
+        "31C0" "8ED8" "FC"         # xor ax,ax; mov ds,ax; cld
+        "BE1D7C"                   # mov si, 0x7c00 + 29 (message)
+        "BAF803"                   # mov dx, 0x3f8
+        "AC" "84C0" "7403"         # lodsb; test al,al; jz done
+        "EE" "EBF8"                # out dx,al; jmp lodsb
+        "BA0404" "B80034" "EF"     # done: mov dx,0x404; mov ax,0x3400; out dx,ax (S5)
+        "F4" "EBFE")               # hlt; jmp $
+    assert len(code) == 29
+    return (code + message + b"\0").ljust(510, b"\0") + b"\x55\xAA"
+
+
+@pytest.mark.skipif(not SEABIOS.exists(), reason="Debian's seabios package is not installed")
+def test_seabios_boots_from_virtio_blk(guest, tmp_path):
+    disk = tmp_path / "boot.img"
+    disk.write_bytes(boot_sector(b"BOOTED FROM VIRTIO-BLK\r\n") + bytes(1 << 20))
+    log = tmp_path / "seabios.log"
+    run = guest(SEABIOS, mem="128M", slots=[f"3,virtio-blk,{disk}"],
+                extra=["-o", f"debugcon.path={log}"])
+    run.read_until("BOOTED FROM VIRTIO-BLK", timeout=240)
+    assert run.wait(60) == 1
+    text = log.read_text(errors="replace")
+    assert "found virtio-blk at 00:03.0" in text
