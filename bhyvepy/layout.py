@@ -28,7 +28,7 @@ HPET_SIZE = 0x400
 LAPIC_BASE = 0xFEE00000
 
 # --- I/O ports ----------------------------------------------------------------
-PORT_POST = 0x80
+PORT_POST = 0x84                  # bhyve's post.c claims 0x84 (reads 0xFF); 0x80 is unclaimed
 PORT_ATKBDC_DATA = 0x60
 PORT_ATKBDC_CMD = 0x64
 PORT_RTC = 0x70

@@ -138,6 +138,11 @@ def build_machine(cfg: Any, settings: Any, backend: Backend | None = None) -> Ma
 
     rom_path = cfg.get_value("bootrom", None) or cfg.get_value("lpc.bootrom", None)
     vars_path = cfg.get_value("bootvars", None) or cfg.get_value("lpc.bootvars", None)
+    # bhyve's MSR policy (-w, x86.verbosemsr) is fixed when the VM is made;
+    # backends that trap MSRs in userland (vmm.ko) read it from these.
+    if hasattr(backend, "strict_msr"):
+        backend.strict_msr = cfg.get_bool("x86.strictmsr", True)
+        backend.verbose_msr = cfg.get_bool("x86.verbosemsr", False)
     vm = backend.create_vm(name) if rom_path else backend.open_vm(name)
     topo = Topology(cpus=settings.ncpus, sockets=settings.sockets, cores=settings.cores,
                     threads=settings.threads)
@@ -154,9 +159,11 @@ def build_machine(cfg: Any, settings: Any, backend: Backend | None = None) -> Ma
     if rom_path:
         m.bootrom = load_bootrom(vm, mem, rom_path, vars_path)
 
-    for cap, var in (("hlt_exit", "x86.vmexit_on_hlt"), ("pause_exit", "x86.vmexit_on_pause")):
-        if cfg.get_bool(var, False):
-            vm.set_capability(cap, True)
+    for cap, var, refusal in (("hlt_exit", "x86.vmexit_on_hlt", "VM exit on HLT not supported"),
+                              ("pause_exit", "x86.vmexit_on_pause",
+                               "SMP mux requested, no pause support")):
+        if cfg.get_bool(var, False) and not vm.set_capability(cap, True):
+            raise BhyveExit(refusal, ExitStatus.ERROR)
     if cfg.get_bool("x86.x2apic", False):
         vm.set_capability("x2apic", True)
 
@@ -187,25 +194,60 @@ def _install_signals(m: Machine) -> None:
         signal.signal(signal.SIGTERM, on_term)
 
 
+def _cmdline_defaults() -> Any:
+    """The tree an empty bhyve command line builds (bhyve's defaults), so that
+    a restore can tell the options a user gave from the defaults."""
+    import io
+
+    from bhyvepy.cli import parse_args
+
+    return parse_args(["-r", "-"], stdout=io.StringIO(), stderr=io.StringIO()).config
+
+
+def _prepare_restore(parsed: Any) -> Any:
+    """``-r FILE``: open and check the file, then build the config from it.
+
+    The snapshot names the VM and fixes its vCPUs and memory; options on the
+    command line override host resources (disk paths, tap names, console
+    paths), and a positional name overrides the snapshot's, as in bhyve.
+    """
+    from bhyvepy.cli import resolve_settings
+    from bhyvepy.snapshot.restore import open_snapshot, restore_config
+
+    snap = open_snapshot(parsed.restore_file)
+    try:
+        parsed.config = restore_config(snap.config, parsed.config, _cmdline_defaults())
+        parsed.settings = resolve_settings(parsed.config)
+    except BaseException:
+        snap.close()
+        raise
+    return snap
+
+
 def run_vm(parsed: Any) -> int:
     """Build, run and tear down the VM of a parsed command line; returns the exit status."""
-    cfg = parsed.config
     logging.basicConfig(level=os.environ.get("BHYVEPY_LOG", "WARNING").upper(),
                         format="bhyvepy: %(message)s")
-    m = build_machine(cfg, parsed.settings)
-    _install_signals(m)
-    restore = getattr(parsed, "restore_file", None)
-    if restore:
-        from bhyvepy.snapshot.restore import restore_machine
-        restore_machine(m, restore)
+    snap = _prepare_restore(parsed) if getattr(parsed, "restore_file", None) else None
+    cfg = parsed.config
     control = None
     try:
-        from bhyvepy.snapshot.control import start_control_server
-    except ImportError:
-        start_control_server = None  # type: ignore[assignment]
-    if start_control_server is not None:
-        control = start_control_server(m)
+        m = build_machine(cfg, parsed.settings)
+        try:
+            _install_signals(m)
+            if snap is not None:
+                from bhyvepy.snapshot.restore import restore_machine
+                restore_machine(m, snap)
+            from bhyvepy.snapshot.control import start_control_server
+            control = start_control_server(m, serve=False)
+        except BaseException:
+            m.close()
+            raise
+    finally:
+        if snap is not None:
+            snap.close()
     m.start()
+    control.serve()
     try:
         status = m.wait()
     except KeyboardInterrupt:
