@@ -54,7 +54,10 @@ class GuestRun:
         self.listener.bind(self.sock_path)
         self.listener.listen(1)
         if args is None:
-            args = ["-c", cpus, "-m", mem, "-l", f"com1,{self.sock_path}", "-l", f"bootrom,{rom}"]
+            # Each VM gets its own control-socket directory, so parallel runs
+            # of the same test VM name never collide in /var/run/bhyve.
+            args = ["-c", cpus, "-m", mem, "-l", f"com1,{self.sock_path}", "-l", f"bootrom,{rom}",
+                    "-o", f"rundir={self.sockdir}"]
             for s in (*base_slots, *(slots or [])):
                 args += ["-s", s]
             args += list(extra or [])
