@@ -132,5 +132,31 @@ def test_seabios_boots_from_virtio_blk(guest, tmp_path):
                 extra=["-o", f"debugcon.path={log}"])
     run.read_until("BOOTED FROM VIRTIO-BLK", timeout=240)
     assert run.wait(60) == 1
-    text = log.read_text(errors="replace")
-    assert "found virtio-blk at 00:03.0" in text
+    assert "found virtio-blk at 00:03.0" in log.read_text(errors="replace")
+
+
+@pytest.mark.skipif(not SEABIOS.exists(), reason="Debian's seabios package is not installed")
+def test_seabios_finds_virtio_blk_ahci_disk_and_atapi_cd(guest, tmp_path):
+    import time
+
+    disk = tmp_path / "vblk.img"
+    disk.write_bytes(bytes(1 << 20))
+    cd = tmp_path / "cd.iso"
+    cd.write_bytes(bytes(2048 * 64))
+    hd = tmp_path / "hd.img"
+    hd.write_bytes(bytes(1 << 20))
+    log = tmp_path / "seabios.log"
+    run = guest(SEABIOS, mem="128M",
+                slots=[f"3,virtio-blk,{disk}", f"4,ahci,cd:{cd},hd:{hd}"],
+                extra=["-o", f"debugcon.path={log}"])
+    end = time.monotonic() + 240
+    text = ""
+    while time.monotonic() < end and run.proc.poll() is None:
+        text = log.read_text(errors="replace") if log.exists() else ""
+        if "Booting from Hard Disk" in text:
+            break
+        time.sleep(0.5)
+    assert "found virtio-blk at 00:03.0" in text, text[-3000:]
+    assert "AHCI controller at 00:04.0" in text
+    assert re.search(r'AHCI/0: registering: "DVD/CD', text), text
+    assert re.search(r'AHCI/1: registering: ".*Hard-Disk', text), text
