@@ -138,6 +138,10 @@ def build_com_ports(m: Any) -> None:
         m.pci.router.reserve(irq)
         uart = Uart16550(IsaIrq(m.vm, irq), backend)
         backend.start(uart)
+        # No host input until the vCPUs run: a restore replaces the RX FIFO,
+        # and bytes typed while the machine is being built must not vanish.
+        uart.pause()
+        m.held_devices.append(uart)
         _add_ports(m, f"com{n}", base, 8, uart)
         m.snapshots.register(f"uart-com{n}", "uart", uart)
         m.devices.append(uart)

@@ -40,6 +40,12 @@ class VcpuGate:
         with self._cv:
             self._vcpus.append(vcpu)
             self._running += 1
+            self._cv.notify_all()
+
+    def wait_registered(self, n: int, timeout: float) -> bool:
+        """Wait until ``n`` vCPU threads have joined (or some have already left)."""
+        with self._cv:
+            return self._cv.wait_for(lambda: len(self._vcpus) >= n or self.stopping, timeout)
 
     def remove(self) -> None:
         with self._cv:

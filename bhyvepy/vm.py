@@ -47,6 +47,7 @@ class Machine:
     pm: Any = None                  # bhyvepy.dev.pm.PowerManagement (SIGTERM -> power button)
     vcpus: list[Vcpu] = field(default_factory=list)
     devices: list[Any] = field(default_factory=list)     # for pause/resume/close
+    held_devices: list[Any] = field(default_factory=list)  # paused until start()
     gate: VcpuGate = field(default_factory=VcpuGate)
     exit_status: int | None = None
     exit_message: str = ""
@@ -76,8 +77,14 @@ class Machine:
                 target=vcpu_thread_main, name=f"vcpu {v.id}",
                 args=(v, self.dispatcher, self.gate, self.request_exit, self._on_halt), daemon=True)
             self.threads.append(t)
+        for d in self.held_devices:
+            d.resume()
+        self.held_devices.clear()
         for t in self.threads:
             t.start()
+        # A checkpoint request may arrive as soon as we return: make sure every
+        # vCPU thread has joined the gate, or pause() would not wait for it.
+        self.gate.wait_registered(len(self.vcpus), timeout=10.0)
 
     def wait(self) -> int:
         while not self._done.wait(0.5):
