@@ -410,8 +410,9 @@ class KvmBackend(Backend):
             vm = self._live.get(name)
         if vm is None:
             # KVM VMs do not outlive their process, so nothing a bhyveload could
-            # have prepared exists; bhyve reports a missing VM this way.
-            raise BhyveExit("vm_open: No such file or directory", ExitStatus.ERROR)
+            # have prepared exists; bhyve 15 words a missing VM without a boot
+            # ROM this way (exit status 4).
+            raise BhyveExit("no bootrom was configured", ExitStatus.ERROR)
         return vm
 
     def _forget(self, vm: "KvmVm") -> None:

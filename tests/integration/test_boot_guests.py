@@ -37,6 +37,19 @@ def test_pcienum_sees_hostbridge_lpc_and_ecam(guest):
     assert re.search(r"PCIENUM DONE 3\b", out)
 
 
+def test_no_bootrom_and_no_prepared_vm_fails_like_bhyve(kvm, tmp_path):
+    import subprocess
+    import sys
+
+    from harness import REPO
+
+    r = subprocess.run([sys.executable, "-m", "bhyvepy", "-m", "64M", "-s", "0,hostbridge",
+                        "-s", "31,lpc", "-o", f"rundir={tmp_path}", "nobootromvm"],
+                       cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 4
+    assert "no bootrom was configured" in r.stderr
+
+
 def test_amd_hostbridge_ids(guest):
     run = guest(guest_rom("pcienum"), base_slots=("0,amd_hostbridge", "31,lpc"))
     out = run.read_until("PCIENUM DONE", timeout=90)
