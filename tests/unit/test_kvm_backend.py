@@ -634,7 +634,7 @@ def test_capabilities_and_open(backend):
     finally:
         vm.destroy()
     from bhyvepy.errors import BhyveExit
-    with pytest.raises(BhyveExit, match="vm_open"):
+    with pytest.raises(BhyveExit, match="no bootrom was configured"):
         backend.open_vm(vm.name)
 
 
