@@ -14,13 +14,13 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Annotated
 
+from bhyvepy.dev.ps2 import FIFO_SIZE, Ps2Output
 from bhyvepy.snapshot.state import BOOL, U8, Blob, StateError, device_state
 
 ACK, RESEND, BAT_OK, ECHO = 0xFA, 0xFE, 0xAA, 0xEE
 CMD_SET_LEDS, CMD_ECHO, CMD_SCANCODE_SET, CMD_IDENTIFY = 0xED, 0xEE, 0xF0, 0xF2
 CMD_TYPEMATIC, CMD_ENABLE, CMD_DISABLE, CMD_DEFAULTS, CMD_RESEND, CMD_RESET = 0xF3, 0xF4, 0xF5, 0xF6, 0xFE, 0xFF
 KBD_ID = (0xAB, 0x83)
-FIFO_SIZE = 16
 DEFAULT_TYPEMATIC = 0x2B       # 10.9 cps, 500 ms delay: the power-on default
 
 
@@ -51,22 +51,14 @@ class Ps2KbdState:
                          queue=st.binary(max_size=FIFO_SIZE))
 
 
-class Ps2Keyboard:
+class Ps2Keyboard(Ps2Output):
     state_class = Ps2KbdState
 
     def __init__(self) -> None:
         self._s = Ps2KbdState()
-        self._q: deque[int] = deque()
+        super().__init__()
 
     # --------------------------------------------------------- queue
-
-    def _put(self, *data: int) -> None:
-        for b in data:
-            if len(self._q) < FIFO_SIZE:
-                self._q.append(b)
-
-    def pending(self) -> int:
-        return len(self._q)
 
     def pop(self) -> int | None:
         if not self._q:

@@ -13,6 +13,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Annotated
 
+from bhyvepy.dev.ps2 import FIFO_SIZE, Ps2Output
 from bhyvepy.snapshot.state import U8, Blob, StateError, UInt, device_state
 
 ACK, BAT_OK, MOUSE_ID = 0xFA, 0xAA, 0x00
@@ -23,7 +24,6 @@ CMD_SAMPLE_RATE, CMD_ENABLE, CMD_DISABLE, CMD_DEFAULTS, CMD_RESET = 0xF3, 0xF4, 
 STS_REMOTE, STS_ENABLE, STS_SCALING_21 = 0x40, 0x20, 0x10
 BUTTONS = 0x07          # left 0x01, right 0x02, middle 0x04 in status and packets
 PKT_ALWAYS_ONE, PKT_X_SIGN, PKT_Y_SIGN, PKT_X_OVF, PKT_Y_OVF = 0x08, 0x10, 0x20, 0x40, 0x80
-FIFO_SIZE = 16
 I32 = Annotated[int, UInt(4, signed=True)]
 DELTA_LIMIT = 1 << 20    # accumulated motion is clamped; a packet carries +-255 anyway
 
@@ -55,20 +55,12 @@ class Ps2MouseState:
                          delta_x=d, delta_y=d, queue=st.binary(max_size=FIFO_SIZE))
 
 
-class Ps2Mouse:
+class Ps2Mouse(Ps2Output):
     state_class = Ps2MouseState
 
     def __init__(self) -> None:
         self._s = Ps2MouseState()
-        self._q: deque[int] = deque()
-
-    def _put(self, *data: int) -> None:
-        for b in data:
-            if len(self._q) < FIFO_SIZE:
-                self._q.append(b)
-
-    def pending(self) -> int:
-        return len(self._q)
+        super().__init__()
 
     def pop(self) -> int | None:
         return self._q.popleft() if self._q else None
