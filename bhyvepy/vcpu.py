@@ -20,6 +20,24 @@ from bhyvepy.vmm.exits import ExitReason
 log = logging.getLogger("bhyvepy.vcpu")
 
 
+def set_native_thread_name(name: str) -> None:
+    """Name the calling OS thread (``vcpu 0``), as bhyve names its vCPU
+    threads, so ps/top/procstat show which host thread runs which vCPU."""
+    import ctypes
+    import ctypes.util
+    import sys
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+        raw = name.encode()[:15]
+        if sys.platform.startswith("linux"):
+            libc.prctl(15, ctypes.c_char_p(raw), 0, 0, 0)          # PR_SET_NAME
+        elif hasattr(libc, "pthread_set_name_np"):
+            libc.pthread_set_name_np(libc.pthread_self(), ctypes.c_char_p(raw))
+    except (OSError, AttributeError, TypeError):
+        pass
+
+
 class VcpuGate:
     """Stops all vCPU threads at a safe point and lets them go again.
 

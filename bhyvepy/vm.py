@@ -23,7 +23,7 @@ from bhyvepy.dispatch import Dispatcher
 from bhyvepy.errors import BackendUnavailable, BhyveExit, ExitStatus
 from bhyvepy.memory import GuestMemory
 from bhyvepy.snapshot.registry import SnapshotRegistry
-from bhyvepy.vcpu import VcpuGate, vcpu_thread_main
+from bhyvepy.vcpu import VcpuGate, set_native_thread_name, vcpu_thread_main
 from bhyvepy.vmm import Backend, Topology, Vcpu, VirtualMachine, get_backend
 
 log = logging.getLogger("bhyvepy.vm")
@@ -48,6 +48,7 @@ class Machine:
     vcpus: list[Vcpu] = field(default_factory=list)
     devices: list[Any] = field(default_factory=list)     # for pause/resume/close
     held_devices: list[Any] = field(default_factory=list)  # paused until start()
+    cpusets: dict[int, frozenset[int]] = field(default_factory=dict)  # -p vcpu:hostcpu
     gate: VcpuGate = field(default_factory=VcpuGate)
     exit_status: int | None = None
     exit_message: str = ""
@@ -74,8 +75,7 @@ class Machine:
     def start(self) -> None:
         for v in self.vcpus:
             t = threading.Thread(
-                target=vcpu_thread_main, name=f"vcpu {v.id}",
-                args=(v, self.dispatcher, self.gate, self.request_exit, self._on_halt), daemon=True)
+                target=self._vcpu_thread, name=f"vcpu {v.id}", args=(v,), daemon=True)
             self.threads.append(t)
         for d in self.held_devices:
             d.resume()
@@ -85,6 +85,19 @@ class Machine:
         # A checkpoint request may arrive as soon as we return: make sure every
         # vCPU thread has joined the gate, or pause() would not wait for it.
         self.gate.wait_registered(len(self.vcpus), timeout=10.0)
+
+    def _vcpu_thread(self, v: Vcpu) -> None:
+        set_native_thread_name(f"vcpu {v.id}")
+        cpus = self.cpusets.get(v.id)
+        if cpus:
+            # -p vcpu:hostcpu: pin this vCPU's thread (bhyve pins the vCPU's
+            # host thread the same way, with pthread_setaffinity_np).
+            try:
+                os.sched_setaffinity(0, cpus)
+            except (OSError, AttributeError) as e:
+                self.request_exit(ExitStatus.ERROR, f"vcpu {v.id}: cannot pin to CPUs {sorted(cpus)}: {e}")
+                return
+        vcpu_thread_main(v, self.dispatcher, self.gate, self.request_exit, self._on_halt)
 
     def wait(self) -> int:
         while not self._done.wait(0.5):
@@ -163,6 +176,7 @@ def build_machine(cfg: Any, settings: Any, backend: Backend | None = None) -> Ma
     m = Machine(config=cfg, backend=backend, vm=vm, mem=mem, ports=ports, mmio=mmio,
                 dispatcher=Dispatcher(ports, mmio, strictio=cfg.get_bool("x86.strictio", False)),
                 topology=topo, snapshots=SnapshotRegistry())
+    m.cpusets = dict(getattr(settings, "cpusets", {}) or {})
     if rom_path:
         m.bootrom = load_bootrom(vm, mem, rom_path, vars_path)
 

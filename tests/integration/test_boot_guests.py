@@ -173,3 +173,19 @@ def test_seabios_finds_virtio_blk_ahci_disk_and_atapi_cd(guest, tmp_path):
     assert "AHCI controller at 00:04.0" in text
     assert re.search(r'AHCI/0: registering: "DVD/CD', text), text
     assert re.search(r'AHCI/1: registering: ".*Hard-Disk', text), text
+
+
+def test_vcpu_pinning_with_p(guest):
+    """-p 0:0 pins vCPU 0's host thread to host CPU 0 (bhyve's pthread affinity)."""
+    import os
+
+    run = guest(guest_rom("irq"), extra=["-p", "0:0"])
+    run.read_until("READY FOR INPUT", timeout=120)
+    threads = {}
+    for tid in os.listdir(f"/proc/{run.proc.pid}/task"):
+        with open(f"/proc/{run.proc.pid}/task/{tid}/comm") as f:
+            threads[f.read().strip()] = int(tid)
+    vcpu_tid = next(t for name, t in threads.items() if name.startswith("vcpu 0"))
+    assert os.sched_getaffinity(vcpu_tid) == {0}
+    run.send(b"q")
+    assert run.wait(60) == 1
