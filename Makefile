@@ -52,7 +52,7 @@ demo: all
 	$(VPY) demo/run_demo.py
 
 test: all
-	$(VPY) -m pytest -q -p no:cacheprovider tests
+	$(VPY) -m pytest -q -rs -p no:cacheprovider tests
 
 test-unit: all
 	$(VPY) -m pytest -q tests/unit
