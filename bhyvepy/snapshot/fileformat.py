@@ -57,6 +57,8 @@ import zlib
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
+from bhyvepy.snapshot.registry import parse_upstream_name
+
 __all__ = [
     "MAGIC",
     "FORMAT_VERSION",
@@ -70,7 +72,7 @@ __all__ = [
     "Snapshot",
     "write_snapshot",
     "read_snapshot",
-    "pci_instance_name",
+    "HEADER",
 ]
 
 MAGIC = b"BHYVEPY\0SNAPSHOT"
@@ -80,6 +82,7 @@ KINDS = ("kern_structs", "devices")
 
 _PREFIX = struct.Struct("<16sII")
 _HEADER = struct.Struct("<16sII7Q32s32s")
+HEADER = _HEADER            # public: bhyvepyctl's lenient reader decodes it too
 HEADER_SIZE = _HEADER.size  # 144
 
 _SCAN_CHUNK = 1 << 20       # zero test granularity before going per page
@@ -134,12 +137,6 @@ class MemoryRegionInfo:
     @property
     def data_bytes(self) -> int:
         return sum(length for _, length in self.extents)
-
-
-def pci_instance_name(name: str) -> str:
-    """Map upstream's ``virtio-blk@pci.0.3.1`` spelling to ``virtio-blk-pci-0-3-1``."""
-    m = re.fullmatch(r"(.+)@pci\.(\d+)\.(\d+)\.(\d+)", name)
-    return f"{m[1]}-pci-{m[2]}-{m[3]}-{m[4]}" if m else name
 
 
 def _align(n: int) -> int:
@@ -547,10 +544,10 @@ class Snapshot:
         return list(self._sections[kind])
 
     def has_section(self, kind: str, name: str) -> bool:
-        return (kind, pci_instance_name(name)) in self._payloads
+        return (kind, parse_upstream_name(name)) in self._payloads
 
     def section_info(self, kind: str, name: str) -> SectionInfo:
-        name = pci_instance_name(name)
+        name = parse_upstream_name(name)
         for info in self.sections(kind):
             if info.name == name:
                 return info

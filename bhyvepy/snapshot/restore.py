@@ -25,7 +25,6 @@ import json
 import mmap
 import os
 import stat
-import struct
 import zlib
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -34,7 +33,7 @@ from bhyvepy.config import ConfigTree, ConfigTreeError
 from bhyvepy.errors import BhyveExit, ExitStatus
 from bhyvepy.snapshot import state as st
 from bhyvepy.snapshot.checkpoint import EMULATIONS_KEY, progress_for_terminal
-from bhyvepy.snapshot.fileformat import (FORMAT_VERSION, HEADER_SIZE, KINDS, MAGIC,
+from bhyvepy.snapshot.fileformat import (FORMAT_VERSION, HEADER, HEADER_SIZE, KINDS, MAGIC,
                                          Snapshot, SnapshotFormatError, read_snapshot)
 from bhyvepy.snapshot.registry import parse_upstream_name
 from bhyvepy.vmm import KERNEL_SECTIONS
@@ -345,8 +344,7 @@ class SnapshotReport:
 
 
 # The header layout documented in fileformat's module docstring.
-_HEADER = struct.Struct("<16sII7Q32s32s")
-assert _HEADER.size == HEADER_SIZE
+_HEADER = HEADER
 
 
 def _read_at(fd: int, n: int, off: int) -> bytes:
