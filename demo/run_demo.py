@@ -107,7 +107,7 @@ def main() -> int:
         say(f"suspending: bhyvepyctl --vm={VM} --suspend={snap}")
         rc = ctl(f"--vm={VM}", f"--suspend={snap}", f"--rundir={rundir}")
         status = vm.wait(60)
-        say(f"bhyvectl status {rc}, bhyvepy exited with status {status} (5 = suspended)")
+        say(f"bhyvepyctl status {rc}, bhyvepy exited with status {status} (5 = suspended)")
         if rc != 0 or status != 5:
             return 1
         ticks = [int(t) for t in re.findall(r"tick (\d+)", console.text)]
