@@ -10,6 +10,22 @@ the device sections and guest memory are written, and the VM either runs on
 Unlike bhyve, a failed checkpoint never costs the VM or an older snapshot:
 every error resumes the guest, and :func:`~bhyvepy.snapshot.fileformat.write_snapshot`
 only replaces the target once the new file is complete and on disk.
+
+Memory the guest never touched is not read at all: where the backend can
+tell (``MemoryRegion.data_extents()``, KVM's memfd-backed RAM) only its data
+extents are scanned for zero pages and written.  Reading untouched shared
+guest memory would allocate it, growing the process by the guest's size.
+
+A checkpoint (not a suspend) lets the vCPUs and devices run again as soon as
+every byte is in the file, before the fsync and the rename: the flush to
+disk can take longer than writing to the page cache, and the copy in the
+file can no longer change.  This does not weaken the guarantee above: the
+old snapshot is still replaced only by the rename after a successful
+fsync, and a failure of either removes the temporary file and raises
+:class:`CheckpointError` with the VM running, as every other failure does.
+``paused_seconds`` therefore ends at that resume.  A suspend keeps the VM
+stopped until the file is on disk, since the VM is about to end and the
+requester must not be told "done" for a file that might still be lost.
 """
 
 from __future__ import annotations
@@ -191,15 +207,25 @@ def _checkpoint(m: Any, path: str, dir_fd: int | None, suspend: bool,
     if not paused:
         raise CheckpointError("Failed to pause the vCPUs (timed out)")
     keep_stopped = False
+    t_resumed: float | None = None
+
+    def resume_once() -> None:
+        nonlocal t_resumed
+        if t_resumed is None:
+            t_resumed = time.monotonic()
+            m.resume()
+
     try:
         if m.exit_status is not None:
             raise CheckpointError("the VM is shutting down")
         kern = _save_kernel_sections(m)
         devs = _save_devices(m)
-        memory = [MemRegion(r.gpa, r.buf) for r in m.mem.regions if getattr(r, "is_ram", True)]
+        memory = [MemRegion(r.gpa, r.buf, _data_extents(r))
+                  for r in m.mem.regions if getattr(r, "is_ram", True)]
         try:
             meta = write_snapshot(path, metadata=metadata, kern_structs=kern, devices=devs,
-                                  memory=memory, progress=bar, dir_fd=dir_fd)
+                                  memory=memory, progress=bar, dir_fd=dir_fd,
+                                  memory_written=None if suspend else resume_once)
         except OSError as e:
             raise CheckpointError(f"Failed to write snapshot {path}: {e.strerror or e}") from None
         except ValueError as e:
@@ -210,11 +236,18 @@ def _checkpoint(m: Any, path: str, dir_fd: int | None, suspend: bool,
         keep_stopped = suspend
     finally:
         if not keep_stopped:
-            m.resume()
+            resume_once()
     t_end = time.monotonic()
-    return CheckpointResult(path=path, metadata=meta, paused_seconds=t_end - t_pause,
+    return CheckpointResult(path=path, metadata=meta,
+                            paused_seconds=(t_resumed or t_end) - t_pause,
                             total_seconds=t_end - t0, suspended=keep_stopped,
                             sections=[s.name for s in (*kern, *devs)])
+
+
+def _data_extents(region: Any) -> list[tuple[int, int]] | None:
+    """The region's data extents if its backend can tell (vCPUs are stopped)."""
+    query = getattr(region, "data_extents", None)
+    return query() if callable(query) else None
 
 
 def _save_kernel_sections(m: Any) -> list[Section]:

@@ -23,8 +23,8 @@ Conventions
 from __future__ import annotations
 
 import abc
-from dataclasses import dataclass
-from typing import Protocol
+from dataclasses import dataclass, field
+from typing import Callable, Protocol
 
 from bhyvepy.vmm.exits import ExitReason, SuspendHow, VmExit
 
@@ -61,6 +61,22 @@ class MemoryRegion:
     buf: object        # writable buffer (mmap); read-only ROMs are still host-writable
     readonly: bool = False   # read-only for the guest
     is_ram: bool = True      # saved in snapshots (bhyve saves lowmem and highmem only)
+    #: Backend hook behind :meth:`data_extents`; None where the backend cannot tell.
+    extent_source: Callable[[], list[tuple[int, int]] | None] | None = \
+        field(default=None, repr=False, compare=False)
+
+    def data_extents(self) -> list[tuple[int, int]] | None:
+        """Sorted ``(offset, length)`` runs outside which the region is known to be zero.
+
+        Lets a snapshot skip memory the guest never touched without reading
+        it: reading an untouched page of shared guest memory allocates it, so
+        a full zero scan of a large, mostly idle guest costs its whole size in
+        host RAM and time.  The runs may still hold zero pages (the guest
+        zeroed them).  None means unknown (the caller must look at every
+        page): vmm.ko offers no such query to userland yet.  Ask only while
+        the vCPUs are stopped, or the answer is stale at once.
+        """
+        return None if self.extent_source is None else self.extent_source()
 
 
 @dataclass(slots=True, frozen=True)

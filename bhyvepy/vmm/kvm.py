@@ -38,6 +38,7 @@ import os
 import struct
 import threading
 import time
+import weakref
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Callable
 
@@ -487,6 +488,54 @@ def build_cpuid(supported: list[tuple[int, ...]], vcpu_id: int, topo: Topology,
 # the VM
 # ----------------------------------------------------------------------------
 
+class _MemfdMap(mmap.mmap):
+    """A MAP_SHARED mapping of a memfd that owns the memfd.
+
+    The descriptor stays open for :meth:`data_extents`; :meth:`close` (what
+    ``KvmVm.destroy`` calls) or garbage collection closes it with the
+    mapping, since an open memfd alone keeps all of guest RAM allocated.
+    (Python's mmap also keeps a private duplicate of the descriptor, which
+    it closes itself.)
+    """
+
+    __slots__ = ("_fd", "_release")
+
+    def __new__(cls, fd: int, size: int) -> "_MemfdMap":
+        self = super().__new__(cls, fd, size, flags=mmap.MAP_SHARED | lib.MAP_NORESERVE,
+                               prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        self._fd = fd
+        self._release = weakref.finalize(self, os.close, fd)
+        return self
+
+    def close(self) -> None:
+        super().close()          # BufferError while views exist: keep the fd too
+        self._release()
+
+    def data_extents(self) -> list[tuple[int, int]] | None:
+        """Runs of pages ever written (or read: a read allocates a page too),
+        from SEEK_DATA/SEEK_HOLE on the memfd; no page is touched.  None if
+        the kernel cannot tell (shmem gained SEEK_DATA in Linux 3.8)."""
+        if self.closed:
+            raise ValueError("guest memory is unmapped")
+        size = len(self)
+        out: list[tuple[int, int]] = []
+        pos = 0
+        try:
+            while pos < size:
+                try:
+                    start = os.lseek(self._fd, pos, os.SEEK_DATA)
+                except OSError as e:
+                    if e.errno == errno.ENXIO:      # no data at or after pos
+                        break
+                    raise
+                end = min(os.lseek(self._fd, start, os.SEEK_HOLE), size)
+                out.append((start, end - start))
+                pos = end
+        except OSError:
+            return None
+        return out
+
+
 class KvmVm(VirtualMachine):
     backend_name = "kvm"
     kernel_emulates_platform = False
@@ -675,6 +724,22 @@ class KvmVm(VirtualMachine):
         self._rom_ranges = tuple((r.gpa, r.gpa + r.size) for r in self._regions if r.readonly)
         return region
 
+    def _map_guest_ram(self, name: str, size: int) -> "_MemfdMap":
+        """Guest RAM as a shared mapping of a memfd rather than anonymous memory.
+
+        Both are shmem to the kernel and behave the same for KVM, but a memfd
+        can say which pages were ever touched (SEEK_DATA/SEEK_HOLE) without
+        touching the rest, which is what lets a snapshot of a large idle guest
+        skip its untouched memory.  The memfd's name shows in /proc/PID/maps.
+        """
+        fd = os.memfd_create(f"bhyvepy:{self.name}:{name}"[:200], os.MFD_CLOEXEC)
+        try:
+            os.ftruncate(fd, size)
+            return _MemfdMap(fd, size)
+        except BaseException:
+            os.close(fd)
+            raise
+
     def _new_region(self, name: str, gpa: int, size: int, *, readonly: bool, is_ram: bool,
                     wired: bool = False, in_core: bool = True) -> MemoryRegion:
         with self._lock:
@@ -682,11 +747,15 @@ class KvmVm(VirtualMachine):
                 raise ValueError(f"guest memory {name!r} exists already")
             self._check_range(name, gpa, size)
             try:
-                mm = mmap.mmap(-1, size, flags=mmap.MAP_SHARED | mmap.MAP_ANONYMOUS | lib.MAP_NORESERVE,
-                               prot=mmap.PROT_READ | mmap.PROT_WRITE)
+                if is_ram:
+                    mm: mmap.mmap = self._map_guest_ram(name, size)
+                else:
+                    mm = mmap.mmap(-1, size, flags=mmap.MAP_SHARED | mmap.MAP_ANONYMOUS | lib.MAP_NORESERVE,
+                                   prot=mmap.PROT_READ | mmap.PROT_WRITE)
             except OSError as e:
                 raise KvmError("mmap", e.errno or errno.ENOMEM, f"{name}: {size >> 20} MiB") from None
-            region = MemoryRegion(name=name, gpa=gpa, size=size, buf=mm, readonly=readonly, is_ram=is_ram)
+            region = MemoryRegion(name=name, gpa=gpa, size=size, buf=mm, readonly=readonly, is_ram=is_ram,
+                                  extent_source=getattr(mm, "data_extents", None))
             try:
                 if wired:
                     p = ffi.from_buffer(mm)

@@ -688,3 +688,221 @@ def test_progress_bar_as_write_callback(tmp_path):
                        memory=[MemRegion(0, low)], progress=bar)
     last = tty.getvalue().split("\r")[-2]
     assert last.startswith("[128.000KiB / 128.000KiB] |#")
+
+
+# --------------------------------------------------------------------------
+# regions that report their data extents (memfd-backed guest RAM)
+# --------------------------------------------------------------------------
+
+class GuardedBuffer:
+    """Guest memory that may be touched only inside ``allowed`` (offset,
+    length) ranges: every slice of its view is checked, and anything else
+    (a whole-buffer read, single bytes) is not a buffer and fails loudly."""
+
+    def __init__(self, data: bytearray, allowed) -> None:
+        self.view = memoryview(data)
+        self.allowed = [(off, off + length) for off, length in allowed]
+        self.touched: list[tuple[int, int]] = []
+
+    def __len__(self) -> int:
+        return len(self.view)
+
+    def __getitem__(self, key):
+        assert isinstance(key, slice) and key.step is None, f"unexpected access {key!r}"
+        start, stop, _ = key.indices(len(self.view))
+        if stop > start:
+            assert any(lo <= start and stop <= hi for lo, hi in self.allowed), \
+                f"read of [{start:#x}, {stop:#x}) outside the data extents {self.allowed}"
+            self.touched.append((start, stop))
+        return self.view[key]
+
+
+@pytest.fixture
+def guarded(monkeypatch):
+    real = fileformat._bytes_view
+
+    def view(buffer, what):
+        return buffer if isinstance(buffer, GuardedBuffer) else real(buffer, what)
+
+    monkeypatch.setattr(fileformat, "_bytes_view", view)
+
+
+def test_extents_limit_what_is_read(tmp_path, guarded):
+    size = 4 << 20
+    data = patterned(size, {0, 1, 2, 300, 301, 1023})
+    # extents as SEEK_DATA gives them: page 2 was touched but zeroed again by
+    # the guest, page 9 likewise; everything outside is a hole and unreadable.
+    for page in (2, 9):
+        data[page * PAGE:(page + 1) * PAGE] = bytes(PAGE)
+    extents = [(0, 3 * PAGE), (9 * PAGE, PAGE), (300 * PAGE, 2 * PAGE), (1023 * PAGE, PAGE)]
+    buf = GuardedBuffer(data, extents)
+    path = tmp_path / "ext.ckp"
+    write_snapshot(path, metadata=base_meta(), kern_structs=KERN, devices=DEVS,
+                   memory=[MemRegion(0, buf, extents)])
+    assert buf.touched, "the data extents were never read"
+    with read_snapshot(path) as s:
+        # zero pages inside the extents are still holes in the file
+        assert s.memory[0].extents == ((0, 2 * PAGE), (300 * PAGE, 2 * PAGE), (1023 * PAGE, PAGE))
+        out = bytearray(size)
+        s.load_memory([out])
+        assert out == data
+
+
+def test_without_extents_every_page_is_read(tmp_path, guarded):
+    """The guard itself works: with no extents the writer scans the whole region."""
+    data = patterned(64 * PAGE, {3})
+    buf = GuardedBuffer(data, [(0, PAGE)])
+    with pytest.raises(AssertionError, match="outside the data extents"):
+        write_snapshot(tmp_path / "x.ckp", metadata=base_meta(), kern_structs=[], devices=[],
+                       memory=[MemRegion(0, buf)])
+
+
+def test_unaligned_and_overlapping_extents_are_widened_to_pages(tmp_path, guarded):
+    size = 32 * PAGE
+    data = patterned(size, {4, 5, 6, 20})
+    hint = [(20 * PAGE + 100, 8), (5 * PAGE + 7, 10), (4 * PAGE + 4095, 1), (5 * PAGE, 2 * PAGE - 1)]
+    buf = GuardedBuffer(data, [(4 * PAGE, 3 * PAGE), (20 * PAGE, PAGE)])
+    path = tmp_path / "w.ckp"
+    write_snapshot(path, metadata=base_meta(), kern_structs=[], devices=[],
+                   memory=[MemRegion(0, buf, hint)])
+    with read_snapshot(path) as s:
+        assert s.memory[0].extents == ((4 * PAGE, 3 * PAGE), (20 * PAGE, PAGE))
+        out = bytearray(size)
+        s.load_memory([out])
+        assert out == data
+
+
+@pytest.mark.parametrize("hint,message", [
+    ([(0, 9 * PAGE)], "lies outside the 32768-byte region"),
+    ([(-PAGE, PAGE)], "lies outside"),
+    ([(0, -1)], "lies outside"),
+    ([(0,)], "is not \\(offset, length\\)"),
+    ([("a", 1)], "is not \\(offset, length\\)"),
+])
+def test_bad_extents_are_refused_before_writing(tmp_path, hint, message):
+    with pytest.raises(ValueError, match=message):
+        write_snapshot(tmp_path / "bad.ckp", metadata=base_meta(), kern_structs=[], devices=[],
+                       memory=[MemRegion(0, bytearray(8 * PAGE), hint)])
+    assert os.listdir(tmp_path) == []
+
+
+def _memfd_region(size: int):
+    if not hasattr(os, "memfd_create"):
+        pytest.skip("os.memfd_create is not available on this system")
+    fd = os.memfd_create("test-ram", os.MFD_CLOEXEC)
+    os.ftruncate(fd, size)
+    return fd, mmap.mmap(fd, size, flags=mmap.MAP_SHARED)
+
+
+def _seek_extents(fd: int, size: int) -> list[tuple[int, int]]:
+    out, pos = [], 0
+    while pos < size:
+        try:
+            start = os.lseek(fd, pos, os.SEEK_DATA)
+        except OSError as e:
+            if e.errno == errno.ENXIO:
+                break
+            raise
+        end = os.lseek(fd, start, os.SEEK_HOLE)
+        out.append((start, end - start))
+        pos = end
+    return out
+
+
+def test_holes_of_shared_memory_stay_unallocated(tmp_path):
+    """With extents, a snapshot of memfd memory allocates none of its holes
+    (reading an untouched shared page would); without them it would."""
+    size = 8 << 20
+    fd, mm = _memfd_region(size)
+    try:
+        mm[0:4] = b"low!"
+        mm[size - PAGE:size - PAGE + 4] = b"top!"
+        before = _seek_extents(fd, size)
+        assert before == [(0, PAGE), (size - PAGE, PAGE)]
+        path = tmp_path / "m.ckp"
+        write_snapshot(path, metadata=base_meta(), kern_structs=[], devices=[],
+                       memory=[MemRegion(0, mm, before)])
+        assert _seek_extents(fd, size) == before
+        with read_snapshot(path) as s:
+            assert s.memory[0].extents == tuple(before)
+        write_snapshot(path, metadata=base_meta(), kern_structs=[], devices=[],
+                       memory=[MemRegion(0, mm)])
+        assert _seek_extents(fd, size) == [(0, size)]      # the full scan allocated it all
+    finally:
+        mm.close()
+        os.close(fd)
+
+
+@given(st.lists(st.integers(0, 47), max_size=12), st.lists(st.integers(0, 47), max_size=6),
+       st.integers(0, PAGE - 1))
+@settings(max_examples=60, deadline=None)
+def test_extents_give_the_same_file_map_as_a_full_scan(data_pages, zeroed, tail):
+    """Any extents that cover every non-zero byte give the same data extents
+    as scanning everything, across 1 MiB scan chunks and a partial last page."""
+    size = 47 * PAGE + tail if tail else 48 * PAGE
+    data = patterned(size, set(data_pages))
+    for p in zeroed:
+        data[p * PAGE:(p + 1) * PAGE] = bytes(len(data[p * PAGE:(p + 1) * PAGE]))
+    touched = sorted({p for p in (*data_pages, *zeroed) if p * PAGE < size})
+    hint = [(p * PAGE, min(PAGE, size - p * PAGE)) for p in touched]
+    real_chunk, real_zero = fileformat._SCAN_CHUNK, fileformat._ZERO_CHUNK
+    fileformat._SCAN_CHUNK, fileformat._ZERO_CHUNK = 4 * PAGE, bytes(4 * PAGE)  # many chunks
+    try:
+        with tempfile.TemporaryDirectory() as d:
+            full = write_snapshot(os.path.join(d, "a"), metadata=base_meta(), kern_structs=[],
+                                  devices=[], memory=[MemRegion(0, data)])
+            hinted = write_snapshot(os.path.join(d, "b"), metadata=base_meta(), kern_structs=[],
+                                    devices=[], memory=[MemRegion(0, data, hint)])
+    finally:
+        fileformat._SCAN_CHUNK, fileformat._ZERO_CHUNK = real_chunk, real_zero
+    assert hinted["memory"] == full["memory"]
+    expected = []
+    for p in range((size + PAGE - 1) // PAGE):
+        if any(data[p * PAGE:(p + 1) * PAGE]):
+            if expected and expected[-1][0] + expected[-1][1] == p * PAGE:
+                expected[-1][1] += min(PAGE, size - p * PAGE)
+            else:
+                expected.append([p * PAGE, min(PAGE, size - p * PAGE)])
+    assert full["memory"][0]["extents"] == expected
+
+
+def test_memory_written_runs_before_the_old_file_is_replaced(snap, monkeypatch):
+    """The hook a checkpoint uses to let the VM run during fsync: called once,
+    after all memory is in the temporary file and before fsync and rename."""
+    path = snap[0]
+    before = path.read_bytes()
+    events = []
+    real_fsync = os.fsync
+
+    def hook():
+        events.append("written")
+        assert path.read_bytes() == before                  # old snapshot still in place
+        tmp = [n for n in os.listdir(path.parent) if n.endswith(".tmp")]
+        assert len(tmp) == 1
+        assert os.path.getsize(path.parent / tmp[0]) > 8 * PAGE
+
+    def fsync(fd):
+        events.append("fsync")
+        return real_fsync(fd)
+
+    monkeypatch.setattr(fileformat.os, "fsync", fsync)
+    _write_other(path, memory_written=hook)
+    assert events[:2] == ["written", "fsync"] and events.count("written") == 1
+    assert path.read_bytes() != before
+
+
+def test_failed_fsync_after_memory_written_keeps_the_old_file(snap, monkeypatch):
+    path = snap[0]
+    before = path.read_bytes()
+    called = []
+
+    def failing_fsync(fd):
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(fileformat.os, "fsync", failing_fsync)
+    with pytest.raises(OSError):
+        _write_other(path, memory_written=lambda: called.append(1))
+    monkeypatch.undo()
+    assert called == [1]
+    assert path.read_bytes() == before
+    assert os.listdir(path.parent) == [path.name]

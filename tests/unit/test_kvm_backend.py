@@ -782,3 +782,66 @@ def test_backend_reports_a_missing_binding():
     assert out.returncode == 0, out.stderr
     ok, why = out.stdout.splitlines()[:2]
     assert ok == "False" and "kvm_build.py" in why
+
+
+def memfds(vmname: str) -> list[str]:
+    """This process's open memfds holding guest RAM of VM ``vmname``."""
+    import os
+
+    out = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith(f"/memfd:bhyvepy:{vmname}:"):
+            out.append(target)
+    return out
+
+
+def test_guest_ram_reports_untouched_memory_as_holes(backend):
+    """RAM is a memfd: pages never touched are holes (found without touching
+    them), written ones are data, highmem included; device memory cannot tell."""
+    PAGE = 4096
+    vm = backend.create_vm(f"kvm-test-{next(_names)}")
+    try:
+        low, high = vm.setup_memory((3 << 30) + (16 << 20))
+        assert low.data_extents() == [] and high.data_extents() == []
+        low.buf[5 * PAGE + 7] = 1
+        low.buf[(2 << 30) - 1] = 2
+        high.buf[0:3] = b"abc"
+        assert low.data_extents() == [(5 * PAGE, PAGE), ((2 << 30) - PAGE, PAGE)]
+        assert high.data_extents() == [(0, PAGE)]
+        low.buf[5 * PAGE + 7] = 0            # zeroed by the guest: still data (the scan's job)
+        assert low.data_extents()[0] == (5 * PAGE, PAGE)
+        fb = vm.map_devmem("fb", 0xD0000000, 1 << 20, readonly=False)
+        assert fb.data_extents() is None
+        assert len({t.split(":")[-1] for t in memfds(vm.name)}) == 2    # lowmem, highmem
+    finally:
+        vm.destroy()
+    assert memfds(vm.name) == []                  # destroying the VM frees its RAM
+    with pytest.raises(ValueError):
+        low.data_extents()
+
+
+def test_guest_written_pages_are_data_and_a_snapshot_leaves_holes_alone(make_vm, tmp_path):
+    """A page written by the guest itself (through KVM, not the host mapping)
+    is reported; writing a snapshot with the extents allocates no hole."""
+    from bhyvepy.snapshot.fileformat import MemRegion, read_snapshot, write_snapshot
+
+    code = asm("B8 00 30", "8E D8",        # mov ax, 0x3000 ; mov ds, ax
+               "C6 06 10 00 5A",           # mov byte [0x10], 0x5A  -> gpa 0x30010
+               "E6 F4")                    # out 0xF4, al (stop)
+    vm = make_vm(code)
+    assert vm.low.data_extents() == []
+    assert interrupted(run(vm.vcpus()[0], Recorder(vm)))
+    extents = vm.low.data_extents()
+    assert extents == [(0x30000, 4096)]
+    meta = {"basic metadata": {"ncpus": 1, "vmname": "t", "memflags": 0}, "backend": "kvm",
+            "host": {}, "config": {}}
+    path = tmp_path / "g.ckp"
+    write_snapshot(path, metadata=meta, kern_structs=[], devices=[],
+                   memory=[MemRegion(vm.low.gpa, vm.low.buf, extents)])
+    assert vm.low.data_extents() == extents
+    with read_snapshot(path) as s:
+        assert s.memory[0].extents == ((0x30000, 4096),)
