@@ -10,20 +10,11 @@ from bhyvepy.dev import atkbdc as K
 from bhyvepy.dev.atkbdc import Atkbdc, AtkbdcState
 from bhyvepy.snapshot.state import decode, encode, strategy
 from bhyvepy.vmm.exits import SuspendHow
+from irq_testkit import RecordingLine
 
 
-class Line:
-    def __init__(self) -> None:
-        self.pulses = 0
-
-    def assert_(self) -> None:
-        raise AssertionError("i8042 interrupts are pulsed")
-
-    def deassert(self) -> None:
-        raise AssertionError("i8042 interrupts are pulsed")
-
-    def pulse(self) -> None:
-        self.pulses += 1
+def Line() -> RecordingLine:
+    return RecordingLine(pulsed=True, why="i8042 interrupts are pulsed")
 
 
 class Harness:

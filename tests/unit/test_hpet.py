@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from bhyvepy.dev import hpet as H
 from bhyvepy.dev.hpet import Hpet, HpetState
 from bhyvepy.snapshot.state import decode, encode, strategy
+from irq_testkit import RecordingLine
 
 NS = 1_000_000_000
 
@@ -50,18 +51,7 @@ class Msi:
         self.sent.append((addr, data))
 
 
-class Line:
-    def __init__(self) -> None:
-        self.events: list[str] = []
-
-    def assert_(self) -> None:
-        self.events.append("assert")
-
-    def deassert(self) -> None:
-        self.events.append("deassert")
-
-    def pulse(self) -> None:
-        self.events.append("pulse")
+Line = RecordingLine
 
 
 class FakeClock:

@@ -10,23 +10,11 @@ from bhyvepy.dev import pm as P
 from bhyvepy.dev.pm import PmState, PowerManagement
 from bhyvepy.snapshot.state import decode, encode, strategy
 from bhyvepy.vmm.exits import SuspendHow
+from irq_testkit import RecordingLine
 
 
-class Line:
-    def __init__(self) -> None:
-        self.level = False
-        self.events: list[str] = []
-
-    def assert_(self) -> None:
-        self.level = True
-        self.events.append("assert")
-
-    def deassert(self) -> None:
-        self.level = False
-        self.events.append("deassert")
-
-    def pulse(self) -> None:
-        raise AssertionError("the SCI is level-triggered")
+def Line() -> RecordingLine:
+    return RecordingLine(pulsed=False, why="the SCI is level-triggered")
 
 
 class Harness:

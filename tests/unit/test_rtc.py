@@ -12,22 +12,13 @@ from hypothesis import strategies as st
 from bhyvepy.dev import rtc as R
 from bhyvepy.dev.rtc import Rtc, RtcError, RtcState, rtc_init_nvram
 from bhyvepy.snapshot.state import decode, encode, strategy
+from irq_testkit import RecordingLine
 
 NS = 1_000_000_000
 
 
-class Line:
-    def __init__(self) -> None:
-        self.pulses = 0
-
-    def assert_(self) -> None:
-        raise AssertionError("the RTC pulses its IRQ")
-
-    def deassert(self) -> None:
-        raise AssertionError("the RTC pulses its IRQ")
-
-    def pulse(self) -> None:
-        self.pulses += 1
+def Line() -> RecordingLine:
+    return RecordingLine(pulsed=True, why="the RTC pulses its IRQ")
 
 
 class FakeClock:

@@ -14,25 +14,10 @@ from bhyvepy.dev import uart as U
 from bhyvepy.dev.uart import Uart16550, UartState
 from bhyvepy.dev.uart_backend import OUT_LIMIT, StdioBackend, UartBackendError, open_backend
 from bhyvepy.snapshot.state import decode, encode, strategy
+from irq_testkit import RecordingLine
 
 
-class Line:
-    """Recording interrupt line."""
-
-    def __init__(self) -> None:
-        self.level = False
-        self.events: list[str] = []
-
-    def assert_(self) -> None:
-        self.level = True
-        self.events.append("assert")
-
-    def deassert(self) -> None:
-        self.level = False
-        self.events.append("deassert")
-
-    def pulse(self) -> None:
-        self.events.append("pulse")
+Line = RecordingLine
 
 
 class FakeBackend:
