@@ -581,6 +581,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         parsed = parse_args(args, progname=progname)
         if parsed.config.get_bool("config.dump", False):
+            if parsed.restore_file:
+                # Show the tree the restore would run with: the snapshot's,
+                # with this command line's overrides applied.
+                from bhyvepy.vm import prepare_restore
+
+                prepare_restore(parsed, resolve=False).close()
             write_text(sys.stdout, parsed.config.dump())
             sys.stdout.flush()
             return ExitStatus.USAGE

@@ -225,7 +225,7 @@ def _cmdline_defaults() -> Any:
     return parse_args(["-r", "-"], stdout=io.StringIO(), stderr=io.StringIO()).config
 
 
-def _prepare_restore(parsed: Any) -> Any:
+def prepare_restore(parsed: Any, *, resolve: bool = True) -> Any:
     """``-r FILE``: open and check the file, then build the config from it.
 
     The snapshot names the VM and fixes its vCPUs and memory; options on the
@@ -238,7 +238,8 @@ def _prepare_restore(parsed: Any) -> Any:
     snap = open_snapshot(parsed.restore_file)
     try:
         parsed.config = restore_config(snap.config, parsed.config, _cmdline_defaults())
-        parsed.settings = resolve_settings(parsed.config)
+        if resolve:
+            parsed.settings = resolve_settings(parsed.config)
     except BaseException:
         snap.close()
         raise
@@ -249,7 +250,7 @@ def run_vm(parsed: Any) -> int:
     """Build, run and tear down the VM of a parsed command line; returns the exit status."""
     logging.basicConfig(level=os.environ.get("BHYVEPY_LOG", "WARNING").upper(),
                         format="bhyvepy: %(message)s")
-    snap = _prepare_restore(parsed) if getattr(parsed, "restore_file", None) else None
+    snap = prepare_restore(parsed) if getattr(parsed, "restore_file", None) else None
     cfg = parsed.config
     control = None
     try:
