@@ -82,6 +82,14 @@ class DeadlineWorker:
         """Deadlines changed: re-evaluate.  Call with the device lock held."""
         self._cond.notify_all()
 
+    def poke(self) -> None:
+        """Deadlines may have changed (device lock held): wake the thread, or
+        start it the first time there is a deadline at all."""
+        if self.running:
+            self.kick()
+        elif self._next_deadline() is not None:
+            self.start()
+
     def _run(self) -> None:
         with self._cond:
             while not self._stopping:

@@ -386,12 +386,8 @@ class Hpet:
                 self._timer_interrupt(n)     # don't lose an expiry the thread had no time to run
 
     def _kick(self) -> None:
-        if self._paused:
-            return
-        if self._worker.running:
-            self._worker.kick()
-        elif self._next_deadline() is not None:
-            self._worker.start()
+        if not self._paused:
+            self._worker.poke()
 
     def _next_deadline(self) -> int | None:
         if self._paused or not self._enabled:
@@ -463,9 +459,7 @@ class Hpet:
 
     def close(self) -> None:
         """Stop the timer thread for good (the VM is going away)."""
-        with self._cond:
-            self._paused = True
-        self._worker.stop()
+        self.pause()
 
 
 __all__ = ["Hpet", "HpetState", "HpetTimerState", "HPET_BASE", "HPET_SIZE", "HPET_FREQ",

@@ -396,13 +396,8 @@ class Rtc:
     # --------------------------------------------------------------- the timer
 
     def _kick(self) -> None:
-        """Deadlines may have changed (lock held); the thread starts on first need."""
-        if self._paused:
-            return
-        if self._worker.running:
-            self._worker.kick()
-        elif self._next_deadline() is not None:
-            self._worker.start()
+        if not self._paused:
+            self._worker.poke()
 
     def _period_ns(self) -> int:
         if not self._regs[RTC_STATUSB] & RTCSB_PINTR or not self._divider_enabled():
@@ -475,9 +470,7 @@ class Rtc:
 
     def close(self) -> None:
         """Stop the timer thread for good (the VM is going away)."""
-        with self._cond:
-            self._paused = True
-        self._worker.stop()
+        self.pause()
 
     # ------------------------------------------------------------- debugging
 
