@@ -110,64 +110,55 @@ unsigned pci_scan_bus0(pci_visit_t visit, void *arg)
 	return count;
 }
 
-struct find_arg {
-	uint32_t ids;
+struct nth_arg {
+	pci_match_t match;
+	uint32_t key;
 	unsigned index;
 	bool found;
 	uint16_t bdf;
 };
 
-static void find_visit(uint16_t bdf, void *p)
+static void nth_visit(uint16_t bdf, void *p)
 {
-	struct find_arg *a = p;
+	struct nth_arg *a = p;
 
-	if (a->found || pci_read32(bdf, PCI_VENDOR_ID) != a->ids)
+	if (a->found || !a->match(bdf, a->key))
 		return;
 	if (a->index-- == 0) {
 		a->found = true;
 		a->bdf = bdf;
 	}
+}
+
+bool pci_find_nth(pci_match_t match, uint32_t key, unsigned index, uint16_t *bdf)
+{
+	struct nth_arg a = { match, key, index, false, 0 };
+
+	pci_scan_bus0(nth_visit, &a);
+	if (a.found)
+		*bdf = a.bdf;
+	return a.found;
+}
+
+static bool match_ids(uint16_t bdf, uint32_t ids)
+{
+	return pci_read32(bdf, PCI_VENDOR_ID) == ids;
 }
 
 bool pci_find(uint16_t vendor, uint16_t device, unsigned index,
 	      uint16_t *bdf)
 {
-	struct find_arg a = { ((uint32_t)device << 16) | vendor, index,
-			      false, 0 };
-
-	pci_scan_bus0(find_visit, &a);
-	if (a.found)
-		*bdf = a.bdf;
-	return a.found;
+	return pci_find_nth(match_ids, ((uint32_t)device << 16) | vendor, index, bdf);
 }
 
-struct class_arg {
-	uint32_t class_code;
-	unsigned index;
-	bool found;
-	uint16_t bdf;
-};
-
-static void class_visit(uint16_t bdf, void *p)
+static bool match_class(uint16_t bdf, uint32_t class_code)
 {
-	struct class_arg *a = p;
-
-	if (a->found || pci_read32(bdf, PCI_REVISION) >> 8 != a->class_code)
-		return;
-	if (a->index-- == 0) {
-		a->found = true;
-		a->bdf = bdf;
-	}
+	return pci_read32(bdf, PCI_REVISION) >> 8 == class_code;
 }
 
 bool pci_find_class(uint32_t class_code, unsigned index, uint16_t *bdf)
 {
-	struct class_arg a = { class_code, index, false, 0 };
-
-	pci_scan_bus0(class_visit, &a);
-	if (a.found)
-		*bdf = a.bdf;
-	return a.found;
+	return pci_find_nth(match_class, class_code, index, bdf);
 }
 
 bool pci_host_is_bhyve(void)

@@ -78,6 +78,10 @@ bool pci_present(uint16_t bdf);
 typedef void (*pci_visit_t)(uint16_t bdf, void *arg);
 unsigned pci_scan_bus0(pci_visit_t visit, void *arg);
 
+/* The INDEX-th (from 0) function on bus 0 for which MATCH(bdf, KEY) holds. */
+typedef bool (*pci_match_t)(uint16_t bdf, uint32_t key);
+bool pci_find_nth(pci_match_t match, uint32_t key, unsigned index, uint16_t *bdf);
+
 /* The INDEX-th (from 0) function with these IDs on bus 0. */
 bool pci_find(uint16_t vendor, uint16_t device, unsigned index,
 	      uint16_t *bdf);

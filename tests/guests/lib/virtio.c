@@ -9,38 +9,20 @@ uint32_t virtio_watchdog_count = 0x10000000;
 /* A reset must read back as 0; a working device needs one poll. */
 #define RESET_POLLS	1000
 
-struct find_arg {
-	uint16_t type;
-	unsigned index;
-	bool found;
-	uint16_t bdf;
-};
-
-static void find_visit(uint16_t bdf, void *p)
+static bool match_virtio(uint16_t bdf, uint32_t type)
 {
-	struct find_arg *a = p;
 	uint16_t device;
 
-	if (a->found || pci_read16(bdf, PCI_VENDOR_ID) != VIRTIO_VENDOR)
-		return;
+	if (pci_read16(bdf, PCI_VENDOR_ID) != VIRTIO_VENDOR)
+		return false;
 	device = pci_read16(bdf, PCI_DEVICE_ID);
-	if (device < VIRTIO_DEV_FIRST || device > VIRTIO_DEV_LAST ||
-	    pci_read16(bdf, PCI_SUBSYS_ID) != a->type)
-		return;
-	if (a->index-- == 0) {
-		a->found = true;
-		a->bdf = bdf;
-	}
+	return device >= VIRTIO_DEV_FIRST && device <= VIRTIO_DEV_LAST &&
+	       pci_read16(bdf, PCI_SUBSYS_ID) == type;
 }
 
 bool virtio_find(uint16_t type, unsigned index, uint16_t *bdf)
 {
-	struct find_arg a = { type, index, false, 0 };
-
-	pci_scan_bus0(find_visit, &a);
-	if (a.found)
-		*bdf = a.bdf;
-	return a.found;
+	return pci_find_nth(match_virtio, type, index, bdf);
 }
 
 static void set_status(struct virtio_dev *d, uint8_t s)
