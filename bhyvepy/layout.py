@@ -28,16 +28,12 @@ HPET_SIZE = 0x400
 LAPIC_BASE = 0xFEE00000
 
 # --- I/O ports ----------------------------------------------------------------
+# (PM1, SMI_CMD, reset and PCI configuration ports live with their devices:
+# bhyvepy/dev/pm.py and bhyvepy/pci/bus.py.)
 PORT_POST = 0x84                  # bhyve's post.c claims 0x84 (reads 0xFF); 0x80 is unclaimed
 PORT_ATKBDC_DATA = 0x60
 PORT_ATKBDC_CMD = 0x64
 PORT_RTC = 0x70
-PORT_SMI_CMD = 0xB2
-PORT_PCI_CFGADDR = 0xCF8
-PORT_PCI_CFGDATA = 0xCFC
-PORT_RESET_CTL = 0xCF9
-PORT_PM1A_EVT = 0x400             # 4 bytes: status, enable
-PORT_PM1A_CNT = 0x404             # 2 bytes
 PORT_PMTMR = 0x408                # 4 bytes
 PORT_DEBUGCON = 0x402             # QEMU-style debug console (bhyvepy, off by default)
 PCI_IOBASE = 0x2000               # I/O BARs from here ...

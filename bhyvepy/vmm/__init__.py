@@ -26,6 +26,7 @@ import abc
 from dataclasses import dataclass, field
 from typing import Callable, Protocol
 
+from bhyvepy.layout import BOOTROM_SEG_SIZE, HIGHMEM_BASE, LOWMEM_LIMIT
 from bhyvepy.vmm.exits import ExitReason, SuspendHow, VmExit
 
 __all__ = [
@@ -37,9 +38,6 @@ __all__ = [
 #: bhyve's kernel-structure table order (.kern order and restore order).
 KERNEL_SECTIONS = ("vhpet", "vm", "vioapic", "vlapic", "vmcx", "vatpit", "vatpic", "vpmtmr", "vrtc")
 
-LOWMEM_LIMIT = 3 << 30          # amd64 VM_LOWMEM_LIMIT
-HIGHMEM_BASE = 4 << 30          # amd64 VM_HIGHMEM_BASE
-BOOTROM_SEG_SIZE = 16 << 20     # bhyve reserves [4G-16M, 4G) for the boot ROM
 
 
 class IoHandler(Protocol):
