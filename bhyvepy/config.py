@@ -27,7 +27,7 @@ import os
 import sys
 from typing import Any, Callable, Iterator, Mapping, TextIO
 
-from bhyvepy.errors import BhyveExit, ExitStatus
+from bhyvepy.errors import BhyveExit, ExitStatus, PlainBhyveExit  # noqa: F401 (re-exported)
 
 Warn = Callable[[str], None]
 _Data = dict  # one nvlist: name -> str (leaf) | dict (node)
@@ -44,14 +44,6 @@ ULONG_MAX = (1 << 64) - 1
 _C_SPACE = " \t\n\v\f\r"
 _TRUE_WORDS = ("true", "on", "yes")
 _FALSE_WORDS = ("false", "off", "no")
-
-
-class PlainBhyveExit(BhyveExit):
-    """A fatal error bhyve reports with plain ``fprintf``/``EPRINTLN`` text.
-
-    The command line front end prints the message without the program-name
-    prefix that ``errx()`` adds (``-s`` parsing errors are of this kind).
-    """
 
 
 def _json5_decoder() -> Callable[[str], Any] | None:

@@ -35,6 +35,14 @@ class BhyveExit(Exception):
         self.status = int(status)
 
 
+class PlainBhyveExit(BhyveExit):
+    """A fatal error bhyve reports with plain ``fprintf``/``EPRINTLN`` text.
+
+    The command line front end prints the message without the program-name
+    prefix that ``errx()`` adds (``-s`` parsing errors are of this kind).
+    """
+
+
 class GuestMemoryError(Exception):
     """A device was handed a guest-physical range that is not guest RAM.
 

@@ -13,7 +13,7 @@ import logging
 import time
 from typing import Any
 
-from bhyvepy.config import PlainBhyveExit
+from bhyvepy.errors import PlainBhyveExit
 from bhyvepy.errors import BhyveExit, ExitStatus
 from bhyvepy.irq import IsaIrq
 from bhyvepy.layout import (COM_PORTS, PORT_ATKBDC_CMD, PORT_ATKBDC_DATA, PORT_DEBUGCON, PORT_POST,

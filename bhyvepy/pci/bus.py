@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
 from bhyvepy.bus import BusConflict, MmioBus, PortBus, Range
-from bhyvepy.config import PlainBhyveExit
+from bhyvepy.errors import PlainBhyveExit
 from bhyvepy.errors import ExitStatus
 from bhyvepy.irq import LapicMsi, MsiSender
 from bhyvepy.layout import PCI_ECFG_BASE, PCI_ECFG_SIZE
